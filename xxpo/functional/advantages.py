@@ -1,0 +1,140 @@
+"""Advantage estimators: how a scalar reward becomes a learning signal.
+
+Rewards are ``(B,)`` with ``B = prompts x G`` laid out group by group (the G samples of prompt 0
+first, then prompt 1, ...). Sequence advantages are ``(B,)``; GAE returns ``(B, T)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from xxpo.functional.aggregation import masked_mean, masked_sum
+from xxpo.functional.checks import check_choice, check_mask, check_number, check_same_shape, check_tensor
+
+ADV_NORMS = ("group", "batch", "none")
+
+
+def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    check_tensor("rewards", rewards, ndim=1)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive integer, got {group_size!r}")
+    if rewards.shape[0] % group_size:
+        raise ValueError(f"rewards length {rewards.shape[0]} is not a multiple of group_size {group_size}")
+    return rewards.reshape(-1, group_size)  # (n_prompts, G)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    adv_norm: str = "group",
+    eps: float = 1e-6,
+    unbiased: bool = True,
+) -> torch.Tensor:
+    """A_i = (R_i - mean_group R) / (std + eps), with the std taken over ``adv_norm``.
+
+    - ``"group"``: GRPO (arXiv 2402.03300 Sec. 4.1.2), std of each prompt's G rewards.
+    - ``"batch"``: std over the whole batch after subtracting group means (TRL ``scale_rewards="batch"``).
+    - ``"none"``: Dr. GRPO (arXiv 2503.20783 Sec. 3.2), the group mean only.
+
+    ``eps=1e-6`` and the unbiased (Bessel) std follow verl; TRL uses 1e-4, the Dr. GRPO repo 1e-8.
+    A group whose rewards are all equal gets advantages of exactly 0 (its float-error std would
+    otherwise be divided by ``eps`` and blown up). Returns ``(B,)``.
+    """
+    check_choice("adv_norm", adv_norm, ADV_NORMS)
+    check_number("eps", eps, low=0)
+    grouped = _groups(rewards, group_size)  # (n, G)
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
+    centred = grouped - grouped.mean(-1, keepdim=True)  # (n, G)
+    flat_group = (grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True))  # (n, 1)
+    centred = torch.where(flat_group, torch.zeros_like(centred), centred)
+    if adv_norm == "group":
+        scale = grouped.std(-1, keepdim=True, unbiased=unbiased) + eps  # (n, 1)
+    elif adv_norm == "batch":
+        scale = centred.std(unbiased=unbiased) + eps if centred.numel() > 1 else centred.new_tensor(1.0)
+    else:
+        scale = centred.new_tensor(1.0)
+    return (centred / scale).reshape(-1)
+
+
+def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (arXiv 2402.14740): A_i = R_i - mean_{j != i} R_j within each group; ``(B,)``."""
+    grouped = _groups(rewards, group_size)
+    if group_size < 2:
+        raise ValueError("group_size must be >= 2 for leave-one-out advantages")
+    others_mean = (grouped.sum(-1, keepdim=True) - grouped) / (group_size - 1)  # (n, G)
+    return (grouped - others_mean).reshape(-1)
+
+
+def batch_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the valid entries of the batch (PPO's advantage whitening)."""
+    check_tensor("x", x, ndim=(1, 2))
+    mask = torch.ones_like(x) if mask is None else check_mask("mask", mask, x.shape).to(x.dtype)
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
+
+
+def gae(
+    token_rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (arXiv 1506.02438 Eq. 16) over masked token rewards.
+
+    delta_t = r_t + gamma V_{t+1} - V_t and A_t = delta_t + gamma lam A_{t+1}, run backwards.
+    Masked positions are skipped: they neither receive nor pass on value or advantage, so
+    padding inside or after a response cannot leak into the recursion. Returns
+    ``(advantages, returns)`` both ``(B, T)``, zero where ``mask`` is 0; returns = A + V.
+    """
+    check_tensor("token_rewards", token_rewards, ndim=2)
+    check_tensor("values", values, ndim=2)
+    check_same_shape("token_rewards", token_rewards, values=values)
+    m = check_mask("mask", mask, token_rewards.shape).to(values.dtype)
+    check_number("gamma", gamma, low=0, high=1)
+    check_number("lam", lam, low=0, high=1)
+    values = values.detach()
+    next_value = values.new_zeros(values.shape[0])  # (B,)
+    last_adv = values.new_zeros(values.shape[0])  # (B,)
+    advantages = torch.zeros_like(values)
+    for t in reversed(range(values.shape[1])):
+        delta = token_rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * last_adv
+        next_value = torch.where(m[:, t].bool(), values[:, t], next_value)
+        last_adv = torch.where(m[:, t].bool(), adv_t, last_adv)
+        advantages[:, t] = adv_t * m[:, t]
+    return advantages, (advantages + values) * m
+
+
+def sequence_value_advantages(rewards: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Sequence-level PPO (arXiv 2604.08865): A = R - V(x) with V(x) in (0, 1) from a prompt-only critic.
+
+    One scalar per response, broadcast to all its tokens by the objective; not normalized, as in
+    the authors' code. ``values`` is detached. Shapes ``(B,)``.
+    """
+    check_tensor("rewards", rewards, ndim=1)
+    check_tensor("values", values, ndim=1)
+    check_same_shape("rewards", rewards, values=values)
+    return rewards - values.detach()
+
+
+def token_rewards_from_outcome(
+    rewards: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None, kl_coef: float = 0.0
+) -> torch.Tensor:
+    """Per-token rewards for PPO: the outcome reward on each response's last valid token, minus
+    ``kl_coef * kl`` on every token (the KL-in-reward form of Ziegler et al., arXiv 1909.08593). ``(B, T)``."""
+    check_tensor("rewards", rewards, ndim=1)
+    m = check_mask("mask", mask, (rewards.shape[0], mask.shape[-1])).to(rewards.dtype)
+    check_number("kl_coef", kl_coef, low=0)
+    lengths = m.sum(-1).long()  # (B,)
+    out = torch.zeros_like(m)
+    rows = torch.arange(m.shape[0], device=m.device)
+    has = lengths > 0
+    last = (m * torch.arange(m.shape[1], device=m.device)).argmax(-1)  # index of the last valid token
+    out[rows[has], last[has]] = rewards[has]
+    if kl is not None and kl_coef > 0:
+        out = out - kl_coef * kl.detach() * m
+    return out
+

@@ -1,0 +1,397 @@
+"""Batched sampling with a KV cache, behaviour log-probs, and a staleness buffer.
+
+Every policy-gradient method in the package learns from a :class:`Rollout`: for each prompt, ``G``
+responses sampled from the policy, with the log-probability the sampling policy gave each sampled
+token (``behav_logp``, the pi_old / pi_behav of the papers) and the policy version that produced it.
+
+Three pieces:
+
+1. :func:`sample` -- a hand-written decoding loop: one prefill forward over the left-padded prompts,
+   then one single-token forward per step that reuses the key/value cache. Temperature, top-p
+   (nucleus, Holtzman et al. 2019, arXiv 1904.09751) and greedy decoding; each row stops at its own EOS.
+2. :func:`response_logprobs` -- the differentiable forward used in training: one pass over
+   prompt + response that recomputes the same log-probs (equal to ``behav_logp`` to float precision
+   when the weights did not change, because both build position ids the same way).
+3. :class:`LaggedPolicy` -- bounded staleness for simulated asynchronous RL (AReaL, arXiv 2505.24298,
+   Sec. 4.1): rollouts come from weights up to ``eta`` versions older than the learner's.
+
+Position ids: prompts are LEFT padded, so a row's first real token sits at a different column in each
+row. Every forward here uses ``position_ids = cumsum(attention_mask) - 1`` (clamped at 0 on padding),
+so a real token's position counts real tokens only, whatever the padding.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, fields
+
+import torch
+from transformers import DynamicCache
+
+from xxpo.functional import entropy_from_logits, selective_log_softmax
+from xxpo.functional.checks import check_choice, check_mask, check_number
+from xxpo.models import position_ids_from_mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The batch of sampled responses
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """``B = n_prompts * G`` sampled responses, laid out group by group (the G samples of prompt 0 first).
+
+    Padding conventions: prompts are LEFT padded, responses RIGHT padded with ``pad_token_id``. On
+    padding, ``behav_logp`` is 0 and ``version`` is -1.
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) long, left padded
+    prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
+    response_ids: torch.Tensor  # (B, T) long, right padded
+    response_mask: torch.Tensor  # (B, T) float32, 1 on every generated token up to and including EOS
+    behav_logp: torch.Tensor  # (B, T) float32, log softmax(logits / temperature) of the sampled token
+    version: torch.Tensor  # (B, T) long, policy version that sampled each token
+    prompt_index: torch.Tensor  # (B,) long, which prompt of the batch each row answers
+    pad_token_id: int
+
+    def __post_init__(self) -> None:
+        b, t = self.response_ids.shape
+        for name in ("response_mask", "behav_logp", "version"):
+            if getattr(self, name).shape != (b, t):
+                raise ValueError(f"{name} must have shape {(b, t)}, got {tuple(getattr(self, name).shape)}")
+        if self.prompt_ids.shape[0] != b or self.prompt_mask.shape != self.prompt_ids.shape:
+            raise ValueError(f"prompt_ids and prompt_mask must both have shape ({b}, P)")
+        if self.prompt_index.shape != (b,):
+            raise ValueError(f"prompt_index must have shape ({b},), got {tuple(self.prompt_index.shape)}")
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)  # (B, P+T)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)  # (B, P+T)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Number of generated tokens per row, EOS included, ``(B,)`` long."""
+        return self.response_mask.sum(-1).long()
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return self._map(lambda x: x.to(device))
+
+    def select(self, idx: torch.Tensor | list[int] | slice) -> Rollout:
+        """The rows ``idx`` (a minibatch). Keeps the padded width of the whole batch."""
+        return self._map(lambda x: x[idx])
+
+    @staticmethod
+    def cat(rollouts: list[Rollout]) -> Rollout:
+        """Stack rollouts row-wise, re-padding prompts on the left and responses on the right.
+
+        ``prompt_index`` is kept as is (each rollout numbers its own prompts).
+        """
+        if not rollouts or not all(isinstance(r, Rollout) for r in rollouts):
+            raise TypeError("rollouts must be a non-empty list of Rollout")
+        pad = rollouts[0].pad_token_id
+        if any(r.pad_token_id != pad for r in rollouts):
+            raise ValueError("rollouts must all share one pad_token_id")
+        p = max(r.prompt_ids.shape[1] for r in rollouts)
+        t = max(r.response_ids.shape[1] for r in rollouts)
+
+        def left(x: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (p - x.shape[1], 0), value=value)
+
+        def right(x: torch.Tensor, value) -> torch.Tensor:
+            return torch.nn.functional.pad(x, (0, t - x.shape[1]), value=value)
+
+        return Rollout(
+            prompt_ids=torch.cat([left(r.prompt_ids, pad) for r in rollouts]),
+            prompt_mask=torch.cat([left(r.prompt_mask, 0) for r in rollouts]),
+            response_ids=torch.cat([right(r.response_ids, pad) for r in rollouts]),
+            response_mask=torch.cat([right(r.response_mask, 0) for r in rollouts]),
+            behav_logp=torch.cat([right(r.behav_logp, 0.0) for r in rollouts]),
+            version=torch.cat([right(r.version, -1) for r in rollouts]),
+            prompt_index=torch.cat([r.prompt_index for r in rollouts]),
+            pad_token_id=pad,
+        )
+
+    def _map(self, fn) -> Rollout:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return Rollout(**{k: fn(v) if isinstance(v, torch.Tensor) else v for k, v in values.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampling
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_prompts(prompt_ids, prompt_mask) -> None:
+    if not isinstance(prompt_ids, torch.Tensor) or prompt_ids.dtype != torch.long or prompt_ids.dim() != 2:
+        raise TypeError("prompt_ids must be a (B, P) torch.long tensor")
+    check_mask("prompt_mask", prompt_mask, prompt_ids.shape)
+    mask = prompt_mask.long()
+    if not bool((mask[:, -1] == 1).all()) or not bool((mask.diff(dim=1) >= 0).all()):
+        raise ValueError("prompt_mask must be LEFT padded: zeros then ones, with a real last token in every row")
+
+
+def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches ``top_p``; -inf elsewhere."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+    probs = sorted_logits.softmax(-1)  # (B, V)
+    mass_before = probs.cumsum(-1) - probs  # (B, V) mass of the strictly more likely tokens
+    drop_sorted = mass_before >= top_p  # (B, V) never drops the most likely token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)  # (B, V) back in vocabulary order
+    return logits.masked_fill(drop, float("-inf"))
+
+
+@torch.no_grad()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    num_samples: int,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+    policy_version: int = 0,
+    greedy: bool = False,
+) -> Rollout:
+    """Sample ``num_samples`` responses per prompt with a KV cache; each row stops at its first EOS.
+
+    ``prompt_ids`` / ``prompt_mask``: ``(N, P)`` left padded. Returns a :class:`Rollout` with
+    ``B = N * num_samples`` rows, group by group. ``behav_logp`` is the log-probability of each
+    sampled token under softmax(logits / temperature), i.e. before the top-p truncation, which is the
+    policy the training forward recomputes. ``greedy=True`` takes the argmax (for evaluation); the
+    generator is then unused. The same ``generator`` state gives the same samples.
+    """
+    _check_prompts(prompt_ids, prompt_mask)
+    for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id), ("policy_version", policy_version)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
+    if not isinstance(greedy, bool):
+        raise TypeError(f"greedy must be a bool, got {type(greedy).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+    device = next(model.parameters()).device
+    prompt_ids = prompt_ids.to(device).repeat_interleave(num_samples, dim=0)  # (B, P)
+    prompt_mask = prompt_mask.to(device).long().repeat_interleave(num_samples, dim=0)  # (B, P)
+    prompt_index = torch.arange(prompt_ids.shape[0] // num_samples, device=device).repeat_interleave(num_samples)  # (B,)
+
+    was_training = model.training
+    model.eval()
+    try:
+        response_ids, logps = _decode(
+            model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator, greedy
+        )
+    finally:
+        model.train(was_training)
+
+    # A token is real if no EOS came strictly before it: 1 up to and including the first EOS.
+    is_eos = (response_ids == eos_token_id).long()  # (B, T)
+    eos_before = is_eos.cumsum(-1) - is_eos  # (B, T)
+    response_mask = (eos_before == 0).float()  # (B, T)
+    version = torch.full_like(response_ids, policy_version).masked_fill(response_mask == 0, -1)  # (B, T)
+    return Rollout(
+        prompt_ids=prompt_ids,
+        prompt_mask=prompt_mask,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        behav_logp=logps * response_mask,  # (B, T)
+        version=version,
+        prompt_index=prompt_index,
+        pad_token_id=pad_token_id,
+    )
+
+
+def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator, greedy):
+    """The decoding loop of :func:`sample`: returns response ids ``(B, T)`` and their log-probs ``(B, T)``."""
+    b = prompt_ids.shape[0]
+    cache = DynamicCache(config=model.config)
+    attention_mask = prompt_mask  # (B, P+t), grows by one column per step
+    positions = position_ids_from_mask(prompt_mask)  # (B, P)
+    out = model(
+        input_ids=prompt_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    next_position = positions[:, -1:] + 1  # (B, 1)
+
+    tokens, logps = [], []
+    finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # (B,)
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float() / temperature  # (B, V)
+        if greedy:
+            token = logits.argmax(-1)  # (B,)
+        else:
+            filtered = _top_p_filter(logits, top_p) if top_p < 1.0 else logits  # (B, V)
+            token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
+        logp = selective_log_softmax(logits, token)  # (B,)
+        token = token.masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        logps.append(logp.masked_fill(finished, 0.0))
+        finished = finished | (token == eos_token_id)
+        if bool(finished.all()) or step == max_new_tokens - 1:
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)  # (B, P+t+1)
+        out = model(
+            input_ids=token.unsqueeze(-1),
+            attention_mask=attention_mask,
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        next_position = next_position + 1
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log pi(response token | prefix) under softmax(logits / temperature), ``(B, T)`` float32, 0 on padding.
+
+    One differentiable forward over LEFT-padded prompts ``(B, P)`` followed by RIGHT-padded responses
+    ``(B, T)``, with the position ids :func:`sample` uses. With ``with_entropy=True`` also returns the
+    entropy of the tempered distribution at each response position, ``(B, T)``.
+    """
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    t = response_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, P+T)
+    out = model(
+        input_ids=torch.cat([prompt_ids, response_ids], dim=1),  # (B, P+T)
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+        logits_to_keep=t + 1,
+    )
+    # The logit at column P-1+j predicts response token j; the last column predicts nothing.
+    logits = out.logits[:, :-1].float() / temperature  # (B, T, V)
+    padding = response_mask == 0  # (B, T)
+    logp = selective_log_softmax(logits, response_ids).masked_fill(padding, 0.0)  # (B, T)
+    if not with_entropy:
+        return logp
+    return logp, entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T), (B, T)
+
+
+def response_logprobs(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` of a rollout's responses: the training forward of every policy-gradient method.
+
+    On the weights that sampled the rollout this equals ``rollout.behav_logp`` up to float rounding.
+    """
+    if not isinstance(rollout, Rollout):
+        raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
+    return token_logprobs(
+        model,
+        rollout.prompt_ids,
+        rollout.prompt_mask,
+        rollout.response_ids,
+        rollout.response_mask,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+
+
+def decode_responses(tokenizer, rollout: Rollout) -> list[str]:
+    """The text of each response: its real tokens (up to and including EOS), special tokens dropped."""
+    if not isinstance(rollout, Rollout):
+        raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
+    ids = rollout.response_ids.tolist()
+    lengths = rollout.lengths.tolist()
+    return tokenizer.batch_decode([row[:n] for row, n in zip(ids, lengths)], skip_special_tokens=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bounded staleness
+# --------------------------------------------------------------------------------------------------
+
+LAG_MODES = ("max", "uniform")
+
+
+class LaggedPolicy:
+    """An inference copy of the policy that samples with weights up to ``eta`` versions old.
+
+    AReaL (arXiv 2505.24298, Sec. 4.1) lets rollout workers run ahead of the trainer but bounds the
+    staleness: data used at step ``s`` was produced by a policy of version ``>= s - eta``. Here that is
+    simulated on one machine. After optimizer step ``k`` the trainer calls ``publish(model, k)``; at
+    step ``s`` :meth:`sample_model` returns the inference copy holding version ``max(0, s - lag)`` with
+    ``lag = eta`` (``mode="max"``, always the oldest allowed) or ``lag ~ Uniform{0..eta}``
+    (``mode="uniform"``, drawn from ``generator``). ``eta=0`` is synchronous on-policy sampling.
+    The constructor publishes the initial weights as version 0.
+    """
+
+    def __init__(self, model: torch.nn.Module, eta: int, mode: str = "max", generator: torch.Generator | None = None):
+        if isinstance(eta, bool) or not isinstance(eta, int) or eta < 0:
+            raise ValueError(f"eta must be an int >= 0, got {eta!r}")
+        check_choice("mode", mode, LAG_MODES)
+        self.eta = eta
+        self.mode = mode
+        self.generator = generator
+        self.inference_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        self.loaded_version: int | None = None
+        self.publish(model, 0)
+
+    @property
+    def latest_version(self) -> int:
+        return max(self.snapshots)
+
+    def publish(self, model: torch.nn.Module, version: int) -> None:
+        """Record ``model``'s current weights as ``version``; keep only the last ``eta + 1`` versions."""
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise ValueError(f"version must be an int >= 0, got {version!r}")
+        if self.snapshots and version <= self.latest_version:
+            raise ValueError(f"version must increase: got {version} after {self.latest_version}")
+        self.snapshots[version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for old in sorted(self.snapshots)[: -(self.eta + 1)]:
+            del self.snapshots[old]
+
+    def sample_model(self, step: int) -> tuple[torch.nn.Module, int]:
+        """``(inference model, version)`` to sample with at training step ``step`` (the latest published version)."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        if step > self.latest_version:
+            raise ValueError(f"step {step} is ahead of the latest published version {self.latest_version}")
+        lag = self.eta
+        if self.mode == "uniform":
+            lag = int(torch.randint(0, self.eta + 1, (1,), generator=self.generator))
+        version = max(0, step - lag)
+        if version not in self.snapshots:
+            raise ValueError(f"version {version} is no longer kept (kept: {sorted(self.snapshots)}); publish every step")
+        if version != self.loaded_version:
+            self.inference_model.load_state_dict(self.snapshots[version])
+            self.loaded_version = version
+        return self.inference_model, version
+
+    def sample(self, step: int, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> Rollout:
+        """:func:`sample` with the weights :meth:`sample_model` picks; ``Rollout.version`` records them."""
+        if "policy_version" in kwargs:
+            raise TypeError("policy_version is set by LaggedPolicy.sample; do not pass it")
+        model, version = self.sample_model(step)
+        return sample(model, prompt_ids, prompt_mask, policy_version=version, **kwargs)
