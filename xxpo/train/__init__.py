@@ -1,0 +1,6 @@
+"""The engine's training entry points: RL (``train``), preference optimization, and SFT."""
+
+from xxpo.train.config import POLICY_METHODS, PREFERENCE_METHODS, TrainConfig
+from xxpo.train.loop import RunResult, Trainer, train
+
+__all__ = ["POLICY_METHODS", "PREFERENCE_METHODS", "RunResult", "TrainConfig", "Trainer", "train"]

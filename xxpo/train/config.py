@@ -1,0 +1,166 @@
+"""Training configuration: one dataclass, every field documented once (its ``help``) and validated.
+
+``TrainConfig.from_preset("gspo", steps=40)`` starts from the paper's setting in ``xxpo.presets`` and
+overrides what the caller names; the command line (``xxpo train``) is generated from these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+
+from xxpo.functional import ADV_NORMS, KL_ESTIMATORS, LOSS_AGG_MODES
+from xxpo.presets import PRESETS, get_preset
+from xxpo.tasks import DEFAULT_TASK
+
+POLICY_METHODS = ("ppo", "trpo", "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo", "decoupled_ppo", "a3po", "sppo_seq")
+PREFERENCE_METHODS = ("dpo", "ipo", "sppo_selfplay")
+
+
+def _f(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    method: str = _f("grpo", "Method name (xxpo.presets): " + ", ".join(POLICY_METHODS + PREFERENCE_METHODS))
+    task: str = _f(DEFAULT_TASK, "Task name (xxpo.tasks.TASKS)")
+    model: str = _f("tiny", "Model preset (xxpo.models.MODEL_PRESETS) or a local Hugging Face model directory")
+    seed: int = _f(0, "Seed for model init, sampling and minibatch order; same config + seed = same metrics")
+    device: str = _f("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")
+    # the base model
+    sft_steps: int | None = _f(None, "SFT steps for the cached base model (None: the task's default)")
+    base_seed: int = _f(0, "Seed of the SFT base model (kept apart from `seed` so all RL seeds share one base)")
+    # the loop
+    steps: int = _f(30, "RL steps (one rollout batch each)")
+    prompts_per_step: int = _f(16, "Prompts sampled per step")
+    group_size: int = _f(8, "G, responses sampled per prompt")
+    max_new_tokens: int | None = _f(None, "Generation budget (None: the task's); also Dr. GRPO's norm_len")
+    temperature: float = _f(1.0, "Sampling temperature (log-probs are those of softmax(logits / temperature))")
+    top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off)")
+    epochs: int = _f(1, "mu: passes over each rollout batch")
+    minibatches: int = _f(1, "Optimizer steps per epoch; > 1 makes later minibatches off-policy")
+    lr: float = _f(1e-3, "Adam learning rate of the policy")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float | None = _f(1.0, "Max global grad norm (None = no clipping)")
+    # the objective
+    clip_eps_low: float | None = _f(None, "Lower clip range (None: the preset's)")
+    clip_eps_high: float | None = _f(None, "Upper clip range (None: the preset's)")
+    dual_clip_c: float | None = _f(None, "Dual-clip constant c > 1 (None = off)")
+    loss_agg_mode: str | None = _f(None, "Aggregation: " + ", ".join(LOSS_AGG_MODES) + " (None: the preset's)")
+    adv_norm: str | None = _f(None, "Group-advantage scale: group, batch or none (None: the preset's)")
+    adv_eps: float = _f(1e-6, "Epsilon added to the std in advantage normalization")
+    kl_coef: float | None = _f(None, "Coefficient of the KL to the reference (None: the preset's)")
+    kl_estimator: str = _f("k3", "KL estimator for the loss (k1, k2, k3)")
+    tau_pos: float = _f(1.0, "SAPO gate temperature for positive advantages")
+    tau_neg: float = _f(1.05, "SAPO gate temperature for negative advantages")
+    filter_zero_std_groups: bool | None = _f(None, "Drop groups whose rewards are all equal (DAPO dynamic sampling, no resampling)")
+    # critics
+    gamma: float = _f(1.0, "GAE discount")
+    lam: float = _f(0.95, "GAE lambda")
+    critic_lr: float = _f(1e-3, "Adam learning rate of the critic (PPO, TRPO, sequence-level PPO)")
+    value_clip_eps: float | None = _f(0.2, "Clip range of the clipped value loss (None = unclipped)")
+    # TRPO
+    max_kl: float = _f(0.01, "TRPO trust-region size delta")
+    # asynchrony
+    staleness: int = _f(0, "eta: rollouts may come from policies up to this many versions old (0 = synchronous)")
+    staleness_mode: str = _f("max", "'max': always eta versions old; 'uniform': a random lag in [0, eta] per step")
+    prox: str = _f("recompute", "Decoupled PPO's pi_prox: 'recompute' (extra forward) or 'loglinear' (A-3PO)")
+    behav_weight_cap: float | None = _f(None, "Cap on pi_prox / pi_behav (None = no cap)")
+    # preference methods
+    dpo_beta: float = _f(0.1, "DPO temperature beta (not GRPO's kl_coef)")
+    label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5)")
+    eta: float = _f(1000.0, "SPPO self-play eta (= 1 / beta)")
+    iterations: int = _f(3, "SPPO self-play iterations (the reference is refreshed each)")
+    # bookkeeping
+    eval_every: int = _f(10, "Held-out evaluation every k steps (and at the start and the end)")
+    eval_n: int = _f(200, "Held-out examples per evaluation (a fixed subset)")
+    track_routing: bool = _f(False, "MoE only: fraction of routing decisions that change per update")
+    checkpoint_every: int = _f(0, "Save a resumable checkpoint every k steps into out_dir (0 = never)")
+    progress: bool = _f(True, "Show a tqdm progress bar")
+
+    def __post_init__(self):
+        self.validate()
+
+    @classmethod
+    def from_preset(cls, method: str, **overrides) -> "TrainConfig":
+        """The paper's setting for ``method`` (from xxpo.presets) under the suite's defaults, then ``overrides``."""
+        name = "dpo" if method == "ipo" else method
+        preset = get_preset(name)
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in preset.hparams.items() if k in known}
+        if preset.samples_per_prompt == 1 and name not in PREFERENCE_METHODS:
+            values["group_size"] = 1
+        values.update(overrides)
+        return cls(method=method, **values)
+
+    def validate(self) -> None:
+        methods = POLICY_METHODS + PREFERENCE_METHODS
+        if self.method not in methods:
+            raise ValueError(f"method must be one of {methods}, got {self.method!r}")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be finite, got {value}")
+        positive_ints = ("steps", "prompts_per_step", "group_size", "epochs", "minibatches", "eval_every", "eval_n", "iterations")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("staleness", "checkpoint_every", "seed", "base_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "critic_lr", "temperature", "max_kl", "tau_pos", "tau_neg", "dpo_beta", "eta"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError(f"gamma and lam must be in [0, 1], got gamma={self.gamma}, lam={self.lam}")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.weight_decay < 0 or self.adv_eps < 0:
+            raise ValueError("weight_decay and adv_eps must be >= 0")
+        if self.loss_agg_mode is not None and self.loss_agg_mode not in LOSS_AGG_MODES:
+            raise ValueError(f"loss_agg_mode must be one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
+        if self.adv_norm is not None and self.adv_norm not in ADV_NORMS:
+            raise ValueError(f"adv_norm must be one of {ADV_NORMS}, got {self.adv_norm!r}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
+        if self.staleness_mode not in ("max", "uniform"):
+            raise ValueError(f"staleness_mode must be 'max' or 'uniform', got {self.staleness_mode!r}")
+        if self.prox not in ("recompute", "loglinear"):
+            raise ValueError(f"prox must be 'recompute' or 'loglinear', got {self.prox!r}")
+        for name in ("clip_eps_low", "clip_eps_high", "kl_coef", "grad_clip", "value_clip_eps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        if self.clip_eps_low is not None and self.clip_eps_low >= 1:
+            raise ValueError(f"clip_eps_low must be < 1, got {self.clip_eps_low}")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.behav_weight_cap is not None and self.behav_weight_cap < 1:
+            raise ValueError(f"behav_weight_cap must be >= 1, got {self.behav_weight_cap}")
+        if self.method in ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo") and self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2 for {self.method} (group-relative advantages)")
+        if (self.prompts_per_step * self.group_size) % self.minibatches:
+            raise ValueError("minibatches must divide prompts_per_step * group_size")
+
+    def preset_value(self, name: str, default=None):
+        """The field if set, else the method's preset value, else ``default``."""
+        value = getattr(self, name)
+        if value is not None:
+            return value
+        preset = PRESETS["dpo" if self.method == "ipo" else self.method]
+        return preset.hparams.get(name, default)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def config_fields():
+    """(name, type string, default, help) for every field: the CLI and the docs are generated from this."""
+    return [(f.name, str(f.type), f.default, f.metadata["help"]) for f in fields(TrainConfig)]

@@ -1,0 +1,395 @@
+"""ONE training loop for every policy-gradient method in xxpo.
+
+    for step in range(steps):
+        rollout   = sample G responses for each of P prompts      (from a policy <= eta versions old)
+        rewards   = task.reward(prompt, response)                  (verifiable, in [0, 1])
+        adv       = group z-score | group mean | GAE | R - V(x)    (the method's advantage estimator)
+        [prox]    = recompute pi_prox | A-3PO interpolation        (decoupled PPO / A-3PO only)
+        for epoch in range(mu): for minibatch in split(rollout, minibatches):
+            logp  = policy forward on the minibatch
+            loss  = objective(logp, old_logp, adv, mask, ...)      (xxpo.objectives)
+            step the optimizer (and the critic, if any)
+        publish the new weights as version step + 1
+
+Methods differ only in data: which objective, which advantage estimator, whether there is a critic,
+a reference, stale data. TRPO replaces the optimizer step with ``trpo_step``. Everything a step
+measures is one row of the metrics DataFrame.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from xxpo import objectives
+from xxpo.functional import (
+    aggregate,
+    batch_whiten,
+    gae,
+    group_advantages,
+    masked_mean,
+    selective_log_softmax,
+    sequence_value_advantages,
+    token_rewards_from_outcome,
+)
+from xxpo.models import PromptValueModel, ValueModel, load_model, position_ids_from_mask, resolve_device, routing_decisions
+from xxpo.results import atomic_torch_save, environment_snapshot, write_run
+from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logprobs, token_logprobs
+from xxpo.tasks import encode_prompts, get_task
+from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
+from xxpo.train.evaluate import evaluate
+from xxpo.train.sft import base_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class RunResult:
+    """What a training run returns: the per-step metrics, a summary, and the trained policy."""
+
+    metrics: pd.DataFrame
+    summary: dict
+    model: torch.nn.Module = field(repr=False)
+    tokenizer: object = field(repr=False)
+
+
+def load_start(config: TrainConfig, device: torch.device):
+    """(policy to train, frozen reference, tokenizer, base info): the cached SFT model, or a local directory."""
+    if os.path.isdir(config.model):
+        model, tokenizer = load_model(config.model, device=str(device))
+        info = {"path": config.model, "eval_accuracy": None}
+    else:
+        base = base_model(config.task, config.model, seed=config.base_seed, sft_steps=config.sft_steps, device=str(device))
+        model, tokenizer, info = base.model, base.tokenizer, base.info
+    reference = copy.deepcopy(model).eval().requires_grad_(False)
+    policy = model.train().requires_grad_(True)
+    return policy, reference, tokenizer, info
+
+
+def full_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
+    """log softmax over the whole vocabulary at every response position, (B, T, V) (TRPO's exact KL)."""
+    attention_mask = rollout.attention_mask
+    out = model(input_ids=rollout.input_ids, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                logits_to_keep=rollout.response_ids.shape[1] + 1)
+    return (out.logits[:, :-1].float() / temperature).log_softmax(-1)  # (B, T, V)
+
+
+def routing_change(model, rollout: Rollout, before: torch.Tensor) -> float:
+    """Fraction of (layer, response token) routing decisions whose top-k expert set changed."""
+    after = routing_decisions(model, rollout.input_ids, rollout.attention_mask)  # (L, B, S, k)
+    p = rollout.prompt_ids.shape[1]
+    changed = (before[:, :, p:].sort(-1).values != after[:, :, p:].sort(-1).values).any(-1)  # (L, B, T)
+    mask = rollout.response_mask.bool().unsqueeze(0).expand_as(changed)
+    return float(changed[mask].float().mean()) if bool(mask.any()) else 0.0
+
+
+class Trainer:
+    """Holds the state of one run; ``run()`` executes it. Use :func:`train` unless you need the parts."""
+
+    def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, callback=None):
+        if config.method in PREFERENCE_METHODS:
+            raise ValueError(f"method {config.method!r} is a preference method: use xxpo.train.train_preference")
+        self.config, self.callback = config, callback
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        self.device = resolve_device(config.device)
+        self.task = get_task(config.task)
+        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
+        torch.manual_seed(config.seed)
+        self.policy, self.reference, self.tokenizer, self.base_info = load_start(config, self.device)
+        self.is_moe = "moe" in type(self.policy).__name__.lower()
+        self.loss_fn = objectives.get(config.method)
+        self.optimizer = None
+        if config.method != "trpo":
+            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.critic = None
+        if config.method in ("ppo", "trpo"):
+            self.critic = ValueModel.from_policy(self.policy, seed=config.seed).to(self.device)
+        elif config.method == "sppo_seq":
+            self.critic = PromptValueModel.from_policy(self.policy, seed=config.seed).to(self.device)
+        self.critic_optimizer = (
+            torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr) if self.critic is not None else None
+        )
+        self.sample_gen = torch.Generator().manual_seed(config.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
+        self.lag_gen = torch.Generator().manual_seed(config.seed + 2)
+        self.prompt_rng = random.Random(config.seed)
+        self.lagged = LaggedPolicy(self.policy, eta=config.staleness, mode=config.staleness_mode, generator=self.lag_gen)
+        self.train_examples = self.task.split("train")
+        self.rows: list[dict] = []
+        self.start_step = 0
+        self.base_eval: dict | None = None
+
+    # -------------------------------------------------------------- one step
+    def advantages(self, rollout: Rollout, rewards: torch.Tensor):
+        """(B,) or (B, T) advantages, and extra tensors the critic update needs."""
+        c, method = self.config, self.config.method
+        if method in ("ppo", "trpo"):
+            with torch.no_grad():
+                values = self.critic(rollout.input_ids, rollout.attention_mask)  # (B, P+T)
+            p = rollout.prompt_ids.shape[1]
+            values = values[:, p - 1 : -1]  # (B, T): V(state before token t)
+            kl = rollout.behav_logp - self.ref_logp  # (B, T), k1 in the reward
+            token_rewards = token_rewards_from_outcome(rewards, rollout.response_mask, kl, c.preset_value("kl_coef", 0.0))
+            adv, returns = gae(token_rewards, values, rollout.response_mask, c.gamma, c.lam)
+            return batch_whiten(adv, rollout.response_mask), {"values": values, "returns": returns}
+        if method == "sppo_seq":
+            with torch.no_grad():
+                value_logits = self.critic(rollout.prompt_ids, rollout.prompt_mask)  # (B,)
+            return sequence_value_advantages(rewards, torch.sigmoid(value_logits)), {}
+        adv_norm = c.preset_value("adv_norm", "group")
+        return group_advantages(rewards, c.group_size, adv_norm=adv_norm, eps=c.adv_eps), {}
+
+    def objective(self, mb: Rollout, logp, adv, extra, step: int):
+        c, m = self.config, mb.response_mask
+        old = mb.behav_logp
+        clip = dict(clip_eps_low=c.preset_value("clip_eps_low", 0.2), clip_eps_high=c.preset_value("clip_eps_high"))
+        agg = c.loss_agg_mode
+        method = c.method
+        if method in ("grpo", "dr_grpo", "dapo"):
+            kw = dict(clip, ref_logp=extra["ref_logp"], kl_coef=c.preset_value("kl_coef", 0.0), kl_estimator=c.kl_estimator)
+            if method == "dr_grpo":
+                return self.loss_fn(logp, old, adv, m, norm_len=self.max_new_tokens, **kw)
+            kw.update(dual_clip_c=c.dual_clip_c, norm_len=self.max_new_tokens)
+            return self.loss_fn(logp, old, adv, m, **kw, **({"loss_agg_mode": agg} if agg else {}))
+        if method in ("gspo", "gspo_token"):
+            return self.loss_fn(logp, old, adv, m, **clip)
+        if method == "sapo":
+            return self.loss_fn(logp, old, adv, m, tau_pos=c.tau_pos, tau_neg=c.tau_neg, **({"loss_agg_mode": agg} if agg else {}))
+        if method in ("decoupled_ppo", "a3po"):
+            kw = dict(clip, behav_weight_cap=c.behav_weight_cap, **({"loss_agg_mode": agg} if agg else {}))
+            if method == "a3po" or c.prox == "loglinear":
+                staleness = (step - mb.version).clamp(min=0)  # (B, T) policy versions behind the learner
+                return objectives.a3po_loss(logp, old, adv, m, staleness, **kw)
+            return objectives.decoupled_ppo_loss(logp, old, extra["prox_logp"], adv, m, **kw)
+        # ppo, sppo_seq
+        return self.loss_fn(logp, old, adv, m, **clip, **({"dual_clip_c": c.dual_clip_c} if method == "ppo" else {}),
+                            **({"loss_agg_mode": agg} if agg else {}))
+
+    def critic_step(self, mb: Rollout, rewards_mb, extra_mb) -> dict:
+        c = self.config
+        if self.config.method in ("ppo", "trpo"):
+            values = self.critic(mb.input_ids, mb.attention_mask)[:, mb.prompt_ids.shape[1] - 1 : -1]  # (b, T)
+            out = objectives.value_loss(values, extra_mb["values"], extra_mb["returns"], mb.response_mask, clip_eps=c.value_clip_eps)
+        else:  # sppo_seq
+            out = objectives.sequence_value_loss(self.critic(mb.prompt_ids, mb.prompt_mask), rewards_mb)
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if c.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), c.grad_clip)
+        self.critic_optimizer.step()
+        return {"critic_loss": float(out.loss), **{f"critic_{k}": float(v) for k, v in out.metrics.items()}}
+
+    def trpo_update(self, rollout: Rollout, adv) -> dict:
+        c, m = self.config, rollout.response_mask
+        with torch.no_grad():
+            old_full = full_logprobs(self.policy, rollout, c.temperature)  # (B, T, V)
+        old_logp = old_full.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+
+        def surrogate():
+            logp = selective_log_softmax(full_logprobs(self.policy, rollout, c.temperature), rollout.response_ids)
+            return aggregate(torch.exp(logp - old_logp) * adv, m, "token-mean")
+
+        def kl():
+            new_full = full_logprobs(self.policy, rollout, c.temperature)  # (B, T, V)
+            per_token = (old_full.exp() * (old_full - new_full)).sum(-1)  # (B, T) exact KL(old || new)
+            return masked_mean(per_token, m)
+
+        out = objectives.trpo_step(params, surrogate, kl, max_kl=c.max_kl)
+        return {k: float(v) for k, v in out.metrics.items()}
+
+    def step(self, step: int) -> dict:
+        c = self.config
+        row: dict = {"step": step}
+        examples = [self.train_examples[i] for i in self.prompt_rng.sample(range(len(self.train_examples)), c.prompts_per_step)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])
+
+        t0 = time.perf_counter()
+        rollout = self.lagged.sample(
+            step, prompt_ids.to(self.device), prompt_mask.to(self.device), num_samples=c.group_size,
+            max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id, temperature=c.temperature, top_p=c.top_p, generator=self.sample_gen,
+        )
+        row["time_rollout"] = time.perf_counter() - t0
+        texts = decode_responses(self.tokenizer, rollout)
+        groups = [examples[i] for i in rollout.prompt_index.tolist()]
+        rewards = torch.tensor([self.task.reward(ex, y) for ex, y in zip(groups, texts)], device=self.device)  # (B,)
+        correct = torch.tensor([self.task.is_correct(ex, y) for ex, y in zip(groups, texts)], device=self.device)
+        lengths = rollout.lengths.float()
+        row.update(
+            reward_mean=float(rewards.mean()),
+            train_accuracy=float(correct.float().mean()),
+            response_length=float(lengths.mean()),
+            length_correct=float(lengths[correct].mean()) if bool(correct.any()) else math.nan,
+            length_incorrect=float(lengths[~correct].mean()) if bool((~correct).any()) else math.nan,
+            staleness_mean=float(masked_mean((step - rollout.version).float(), rollout.response_mask)),
+            tokens_per_second=float(rollout.response_mask.sum()) / max(row["time_rollout"], 1e-9),
+        )
+        with torch.no_grad():
+            self.ref_logp = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask,
+                                           rollout.response_ids, rollout.response_mask, temperature=c.temperature)
+        row["kl_ref"] = float(masked_mean(rollout.behav_logp - self.ref_logp, rollout.response_mask))  # k1 estimate
+
+        adv, extra = self.advantages(rollout, rewards)  # (B,) or (B, T)
+        if c.group_size > 1:
+            grouped = rewards.reshape(-1, c.group_size)
+            zero_std = (grouped.amax(-1) == grouped.amin(-1))  # (n,)
+            row["frac_zero_std_groups"] = float(zero_std.float().mean())
+            if c.preset_value("filter_zero_std_groups", False):
+                keep = (~zero_std).repeat_interleave(c.group_size).nonzero().squeeze(-1)
+                rollout, adv, rewards = rollout.select(keep), adv[keep], rewards[keep]
+                self.ref_logp = self.ref_logp[keep]
+                extra = {k: v[keep] for k, v in extra.items()}
+        extra["ref_logp"] = self.ref_logp
+
+        t0 = time.perf_counter()
+        if c.method == "decoupled_ppo" and c.prox == "recompute" and len(rollout):
+            with torch.no_grad():
+                extra["prox_logp"] = response_logprobs(self.policy, rollout, c.temperature)  # one extra forward
+        row["time_prox"] = time.perf_counter() - t0
+
+        routing_before = None
+        if c.track_routing and self.is_moe and len(rollout):
+            routing_before = routing_decisions(self.policy, rollout.input_ids, rollout.attention_mask)
+
+        t0 = time.perf_counter()
+        mb_metrics: list[dict] = []
+        if len(rollout) == 0:
+            pass
+        elif c.method == "trpo":
+            mb_metrics.append(self.trpo_update(rollout, adv if adv.dim() == 2 else adv.unsqueeze(-1)))
+            mb_metrics[-1].update(self.critic_step(rollout, rewards, extra))
+        else:
+            n_mb = min(c.minibatches, len(rollout))
+            for _ in range(c.epochs):
+                perm = torch.randperm(len(rollout), generator=self.shuffle_gen).to(self.device)
+                for idx in perm.chunk(n_mb):
+                    mb = rollout.select(idx)
+                    extra_mb = {k: v[idx] for k, v in extra.items()}
+                    logp, entropy = response_logprobs(self.policy, mb, c.temperature, with_entropy=True)
+                    out = self.objective(mb, logp, adv[idx], extra_mb, step)
+                    self.optimizer.zero_grad(set_to_none=True)
+                    out.loss.backward()
+                    max_norm = c.grad_clip if c.grad_clip is not None else float("inf")
+                    grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
+                    self.optimizer.step()
+                    metrics = {k: float(v) for k, v in out.metrics.items()}
+                    metrics.update(loss=float(out.loss), grad_norm=float(grad_norm),
+                                   entropy=float(masked_mean(entropy.detach(), mb.response_mask)))
+                    if self.critic is not None:
+                        metrics.update(self.critic_step(mb, rewards[idx], extra_mb))
+                    mb_metrics.append(metrics)
+        row["time_update"] = time.perf_counter() - t0
+        for key in sorted({k for mm in mb_metrics for k in mm}):
+            values = [mm[key] for mm in mb_metrics if key in mm]
+            row[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+        if routing_before is not None:
+            row["routing_change"] = routing_change(self.policy, rollout, routing_before)
+        self.lagged.publish(self.policy, step + 1)
+        return row
+
+    # -------------------------------------------------------------- the run
+    def evaluate(self) -> dict:
+        self.policy.eval()
+        try:
+            return evaluate(self.policy, self.tokenizer, self.task, n=min(self.config.eval_n, len(self.task.split("test"))),
+                            max_new_tokens=self.max_new_tokens)
+        finally:
+            self.policy.train()
+
+    def state(self, step: int) -> dict:
+        return {
+            "step": step,
+            "policy": self.policy.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
+            "critic": self.critic.state_dict() if self.critic else None,
+            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
+            "snapshots": self.lagged.snapshots,
+            "generators": [g.get_state() for g in (self.sample_gen, self.shuffle_gen, self.lag_gen)],
+            "prompt_rng": self.prompt_rng.getstate(),
+            "rows": self.rows,
+            "base_eval": self.base_eval,
+            "config": self.config.to_dict(),
+        }
+
+    def restore(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        if state["config"] != self.config.to_dict():
+            raise ValueError(f"checkpoint {path} was written by a different config; refusing to resume")
+        self.policy.load_state_dict(state["policy"])
+        if self.optimizer:
+            self.optimizer.load_state_dict(state["optimizer"])
+        if self.critic:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+        self.lagged.snapshots, self.lagged.loaded_version = state["snapshots"], None
+        for g, s in zip((self.sample_gen, self.shuffle_gen, self.lag_gen), state["generators"]):
+            g.set_state(s)
+        self.prompt_rng.setstate(state["prompt_rng"])
+        self.rows, self.base_eval, self.start_step = state["rows"], state["base_eval"], state["step"] + 1
+
+    def run(self, resume: bool = False) -> RunResult:
+        c = self.config
+        ckpt = self.out_dir / CHECKPOINT if self.out_dir is not None else None
+        if resume and ckpt is not None and ckpt.is_file():
+            self.restore(ckpt)
+        started = time.perf_counter()
+        if self.base_eval is None:
+            self.base_eval = self.evaluate()
+        from tqdm.auto import tqdm
+
+        bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
+                   initial=self.start_step, total=c.steps)
+        for step in bar:
+            t0 = time.perf_counter()
+            row = self.step(step)
+            row["eval_accuracy"] = math.nan
+            if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
+                t_eval = time.perf_counter()
+                scores = self.evaluate()
+                row.update(eval_accuracy=scores["accuracy"], eval_length=scores["mean_length"],
+                           eval_length_correct=scores["mean_length_correct"],
+                           eval_length_incorrect=scores["mean_length_incorrect"], time_eval=time.perf_counter() - t_eval)
+            row["time_step"] = time.perf_counter() - t0
+            self.rows.append(row)
+            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['eval_accuracy']:.2f}")
+            if ckpt is not None and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
+                atomic_torch_save(self.state(step), ckpt)
+            if self.callback is not None:
+                self.callback(step, row)
+        metrics = pd.DataFrame(self.rows)
+        final = metrics["eval_accuracy"].dropna()
+        summary = {
+            "method": c.method,
+            "task": c.task,
+            "seed": c.seed,
+            "base_eval_accuracy": self.base_eval["accuracy"],
+            "final_eval_accuracy": float(final.iloc[-1]) if len(final) else None,
+            "seconds_per_step": float(metrics["time_step"].median()) if "time_step" in metrics else None,
+            "wall_seconds_this_call": time.perf_counter() - started,
+            "effective_batch": {"prompts": c.prompts_per_step, "group_size": c.group_size,
+                                "minibatches": c.minibatches, "epochs": c.epochs},
+            "base_model": {k: v for k, v in self.base_info.items() if k in ("path", "config_hash", "eval_accuracy", "sft")},
+            "config": c.to_dict(),
+            "environment": environment_snapshot(),
+        }
+        if self.out_dir is not None:
+            write_run(self.out_dir, metrics, summary)
+        return RunResult(metrics, summary, self.policy, self.tokenizer)
+
+
+def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False, callback=None) -> RunResult:
+    """Train ``config.method`` and return its :class:`RunResult`; with ``out_dir``, write metrics.csv,
+    summary.json (and checkpoints when ``config.checkpoint_every``). ``resume=True`` continues from the
+    checkpoint in ``out_dir`` and ends with the same metrics as an uninterrupted run. ``callback(step, row)``
+    is called after every step."""
+    return Trainer(config, out_dir, callback).run(resume=resume)
