@@ -276,6 +276,12 @@ def token_logprobs(
     ``(B, T)``, with the position ids :func:`sample` uses. With ``with_entropy=True`` also returns the
     entropy of the tempered distribution at each response position, ``(B, T)``.
     """
+    _check_prompts(prompt_ids, prompt_mask)
+    if not isinstance(response_ids, torch.Tensor) or response_ids.dtype != torch.long or response_ids.dim() != 2:
+        raise TypeError("response_ids must be a (B, T) torch.long tensor")
+    if response_ids.shape[0] != prompt_ids.shape[0]:
+        raise ValueError(f"response_ids must have {prompt_ids.shape[0]} rows like prompt_ids, got {response_ids.shape[0]}")
+    check_mask("response_mask", response_mask, response_ids.shape)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
     t = response_ids.shape[1]
     attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, P+T)

@@ -23,11 +23,19 @@ import torch
 
 from xxpo.functional.checks import check_choice, check_mask, check_number, check_tensor
 
+
+def _check_pair(x: torch.Tensor, mask: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        raise TypeError("x and mask must be torch.Tensors")
+    if mask.shape != x.shape:
+        raise ValueError(f"mask must have the shape of x {tuple(x.shape)}, got {tuple(mask.shape)}")
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 
 
 def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Sum of ``x`` where ``mask`` is 1. Masked entries are zeroed *before* summing (no NaN leaks)."""
+    _check_pair(x, mask)
     m = mask.to(x.dtype)
     x = torch.where(m.bool(), x, torch.zeros_like(x))
     return (x * m).sum() if dim is None else (x * m).sum(dim)
@@ -35,6 +43,7 @@ def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     """Mean of ``x`` over entries where ``mask`` is 1; 0 where there are none."""
+    _check_pair(x, mask)
     count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
     return masked_sum(x, mask, dim) / count.clamp(min=1)
 

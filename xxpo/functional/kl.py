@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from xxpo.functional.checks import check_choice
+from xxpo.functional.checks import check_choice, check_same_shape
 from xxpo.functional.ratios import LOG_RATIO_CLAMP
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -30,12 +30,13 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "k3") -> torch.Tensor:
     """Per-token KL estimate, shape of ``logp`` (B, T). ``ref_logp`` is detached (a frozen model)."""
     check_choice("kl_estimator", estimator, KL_ESTIMATORS)
+    check_same_shape("logp", logp, ref_logp=ref_logp)
     log_rho = (ref_logp.detach() - logp).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)  # (B, T)
     if estimator == "k1":
         return -log_rho
     if estimator == "k2":
         return 0.5 * log_rho**2
-    return torch.exp(log_rho) - 1.0 - log_rho
+    return torch.expm1(log_rho) - log_rho  # expm1: no cancellation, never negative
 
 
 def is_corrected_k3(logp: torch.Tensor, ref_logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
@@ -43,5 +44,6 @@ def is_corrected_k3(logp: torch.Tensor, ref_logp: torch.Tensor, old_logp: torch.
 
     The ratio keeps its gradient; only ``old_logp`` and ``ref_logp`` are constants. (B, T).
     """
+    check_same_shape("logp", logp, old_logp=old_logp)
     ratio = torch.exp((logp - old_logp.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     return ratio * kl_penalty(logp, ref_logp, "k3")

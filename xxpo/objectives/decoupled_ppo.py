@@ -37,6 +37,7 @@ def decoupled_ppo_loss(
     clip_eps_high: float | None = None,
     behav_weight_cap: float | None = None,
     loss_agg_mode: str = "token-mean",
+    norm_len: int | None = None,
 ) -> LossOutput:
     """Decoupled PPO's loss L = -J (AReaL Eq. 5); logp, behav_logp, prox_logp, mask (B, T).
 
@@ -55,7 +56,7 @@ def decoupled_ppo_loss(
     if behav_weight_cap is not None:
         behav_weight = behav_weight.clamp(max=behav_weight_cap)
     loss_mat, low, high, _ = clipped_surrogate(u, adv, eps_low, eps_high)
-    loss = aggregate(behav_weight * loss_mat, m, loss_agg_mode)
+    loss = aggregate(behav_weight * loss_mat, m, loss_agg_mode, norm_len)
     metrics = ratio_metrics(u, log_u, m, low, high)
     valid = m.bool()
     w_max = behav_weight[valid].max() if bool(valid.any()) else behav_weight.new_zeros(())

@@ -32,6 +32,7 @@ def sapo_loss(
     tau_pos: float = 1.0,
     tau_neg: float = 1.05,
     loss_agg_mode: str = "seq-mean-token-mean",
+    norm_len: int | None = None,
 ) -> LossOutput:
     """SAPO's loss L = -J (Eq. 5) for (B, T) tensors; advantages (B,) or (B, T).
 
@@ -45,7 +46,7 @@ def sapo_loss(
     ratio = torch.exp(log_ratio)  # (B, T)
     tau = torch.where(adv > 0, torch.full_like(ratio, tau_pos), torch.full_like(ratio, tau_neg))  # (B, T)
     gate = 4.0 / tau * torch.sigmoid(tau * (ratio - 1.0))  # (B, T), f(r)
-    loss = aggregate(-gate * adv, m, loss_agg_mode)
+    loss = aggregate(-gate * adv, m, loss_agg_mode, norm_len)
     p = torch.sigmoid(tau * (ratio - 1.0))
     none = torch.zeros_like(m, dtype=torch.bool)
     metrics = ratio_metrics(ratio, log_ratio, m, none, none)

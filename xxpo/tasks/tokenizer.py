@@ -14,9 +14,10 @@ Conventions:
   added by the tokenizer (the SFT code appends it to targets, generation stops on it).
 - ``padding_side="left"``: prompts are left padded so that the last column is the last prompt token
   for every row, which is what batched generation needs.
-- Unknown characters: the raw tokenizer maps them to ``<unk>`` (the Hugging Face convention), but
-  :func:`encode_prompts`, the entry point the engine uses, refuses them with a ``ValueError`` that
-  names the character, because a silent ``<unk>`` in a prompt is always a bug here.
+- Unknown characters: the tokenizer itself maps them to ``<unk>`` (the Hugging Face convention, so
+  ``tokenizer(text)`` never fails), but :func:`encode_prompts`, the entry point the engine uses,
+  refuses any prompt that would contain ``<unk>`` with a ``ValueError`` naming the prompt and the
+  characters, because a silent ``<unk>`` in a prompt is always a bug here.
 """
 
 from __future__ import annotations
@@ -55,31 +56,23 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def check_text(name: str, text: str) -> None:
-    """Raise ``ValueError`` naming ``name`` if ``text`` has a character outside :data:`ALPHABET`."""
-    if not isinstance(text, str):
-        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
-    unknown = sorted(set(text) - set(ALPHABET))
-    if unknown:
-        raise ValueError(f"{name} contains characters outside the tokenizer alphabet {ALPHABET!r}: {unknown}")
-
-
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode prompts as ``<bos> + characters``, left padded to the longest one.
+    """Encode prompts as ``<bos> + tokens``, left padded to the longest one.
 
-    Returns ``input_ids`` (B, P) long and ``attention_mask`` (B, P) long (1 = real token).
-    Works with any tokenizer whose ``padding_side`` is ``"left"``; the alphabet check applies only to
-    this package's character tokenizer (a loaded Hugging Face tokenizer has its own vocabulary).
+    Returns ``input_ids`` (B, P) long and ``attention_mask`` (B, P) long (1 = real token). Works with
+    any left-padding tokenizer; a prompt that would contain the unknown token raises ``ValueError``.
     """
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)) or not prompts:
         raise TypeError("prompts must be a non-empty list of str")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
     if tokenizer.padding_side != "left":
         raise ValueError(f"tokenizer.padding_side must be 'left' for prompts, got {tokenizer.padding_side!r}")
-    character_level = tokenizer.unk_token == UNK and len(tokenizer) == len(SPECIAL_TOKENS) + len(ALPHABET)
-    for i, prompt in enumerate(prompts):
-        if character_level:
-            check_text(f"prompts[{i}]", prompt)
-        elif not isinstance(prompt, str):
-            raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
     batch = tokenizer(list(prompts), padding=True, return_tensors="pt", add_special_tokens=True)
-    return batch["input_ids"].long(), batch["attention_mask"].long()  # (B, P), (B, P)
+    input_ids, attention_mask = batch["input_ids"].long(), batch["attention_mask"].long()  # (B, P), (B, P)
+    if tokenizer.unk_token_id is not None and bool((input_ids == tokenizer.unk_token_id).any()):
+        i = int((input_ids == tokenizer.unk_token_id).any(-1).nonzero()[0])  # first offending prompt
+        unknown = sorted(set(prompts[i]) - set(tokenizer.get_vocab()))
+        raise ValueError(f"prompts[{i}] = {prompts[i]!r} has characters the tokenizer does not know: {unknown}")
+    return input_ids, attention_mask

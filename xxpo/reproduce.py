@@ -1,0 +1,75 @@
+"""Run the reproduction notebooks with papermill and stamp each executed record.
+
+``full`` executes a notebook in place: its outputs are the record the book shows. ``smoke`` executes a
+copy in a scratch directory (CI). After a run, the notebook's metadata gets ``xxpo.code_hash``, the hash
+of its code cells; a test compares it with the current cells, so a record whose code changed after it
+was produced is caught as stale.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+import nbformat
+
+REPO = Path(__file__).resolve().parent.parent
+NOTEBOOK_DIR = REPO / "notebooks"
+
+
+def code_hash(nb) -> str:
+    """sha256 over the source of every code cell except papermill's injected parameters."""
+    h = hashlib.sha256()
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "injected-parameters" not in cell.get("metadata", {}).get("tags", []):
+            h.update(cell.source.strip().encode() + b"\0")
+    return h.hexdigest()
+
+
+def notebooks() -> list[Path]:
+    return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+
+
+def run_notebook(path: Path, profile: str, output: Path) -> dict:
+    """Execute ``path`` into ``output`` with ``profile``; returns a summary dict (never raises on failure)."""
+    import papermill
+
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(path), str(output), parameters={"profile": profile}, kernel_name="python3",
+                                   cwd=str(path.parent), progress_bar=False)
+        nb = nbformat.read(output, as_version=4)
+        nb.metadata.setdefault("xxpo", {}).update(code_hash=code_hash(nb), profile=profile)
+        nbformat.write(nb, output)
+        ok, error = True, None
+    except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
+        ok, error = False, str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    return {"notebook": path.name, "profile": profile, "ok": ok, "seconds": time.perf_counter() - start,
+            "output": str(output), "error": error}
+
+
+def reproduce(paths=None, profile: str = "smoke", scratch=None) -> list[dict]:
+    """Run ``paths`` (default: every notebook) under ``profile``; prints progress and a summary table."""
+    if profile not in ("smoke", "full", "gpu"):
+        raise ValueError(f"profile must be 'smoke', 'full' or 'gpu', got {profile!r}")
+    paths = [Path(p).resolve() for p in paths] if paths else notebooks()
+    for p in paths:
+        if not p.is_file():
+            raise ValueError(f"notebook {p} does not exist")
+    out_dir = Path(scratch or tempfile.mkdtemp(prefix="xxpo-smoke-")) if profile != "full" else None
+    results = []
+    for i, path in enumerate(paths, 1):
+        print(f"[{i}/{len(paths)}] {path.name} (profile={profile}) ...", flush=True)
+        output = path if profile == "full" else out_dir / path.name
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        result = run_notebook(path, profile, output)
+        status = "ok" if result["ok"] else f"FAILED: {result['error']}"
+        print(f"    {status} in {result['seconds']:.0f} s -> {result['output']}", flush=True)
+        results.append(result)
+    print("\nsummary")
+    for r in results:
+        print(f"  {r['notebook']:<40} {'ok' if r['ok'] else 'FAILED':<7} {r['seconds']:7.0f} s")
+    return results

@@ -1,0 +1,51 @@
+"""Verifiable tasks, the character tokenizer, and preference data.
+
+``get_task(name)`` returns a :class:`Task`; ``TASKS`` lists the names, easiest first. The formats are
+documented in :mod:`xxpo.tasks.arithmetic`.
+"""
+
+from __future__ import annotations
+
+from xxpo.tasks.arithmetic import ArithmeticTask, ScratchArithmeticTask
+from xxpo.tasks.base import SPLITS, Example, Task
+from xxpo.tasks.preferences import preference_pairs, preference_prob
+from xxpo.tasks.tokenizer import ALPHABET, encode_prompts, make_tokenizer
+
+# name -> (class, op, a_range, b_range, default n_train, default n_test), easiest first
+_SPECS = {
+    "add2": (ArithmeticTask, "+", (0, 99), (0, 99), 4000, 500),
+    "sub2": (ArithmeticTask, "-", (0, 99), (0, 99), 4000, 500),
+    "mul1": (ArithmeticTask, "*", (0, 999), (0, 9), 6000, 500),
+    "add3": (ArithmeticTask, "+", (0, 999), (0, 999), 20000, 500),
+    "mul2": (ArithmeticTask, "*", (0, 99), (0, 99), 4000, 500),
+    "add2_scratch": (ScratchArithmeticTask, "+", (0, 99), (0, 99), 4000, 500),
+}
+TASKS = tuple(_SPECS)
+DEFAULT_TASK = "add3"
+
+
+def get_task(name: str, **kwargs) -> Task:
+    """The task called ``name``; ``kwargs`` override its constructor defaults (e.g. ``n_train``)."""
+    if name not in _SPECS:
+        raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+    cls, op, a_range, b_range, n_train, n_test = _SPECS[name]
+    kwargs.setdefault("n_train", n_train)
+    kwargs.setdefault("n_test", n_test)
+    return cls(name, op, a_range, b_range, **kwargs)
+
+
+__all__ = [
+    "ALPHABET",
+    "DEFAULT_TASK",
+    "SPLITS",
+    "TASKS",
+    "ArithmeticTask",
+    "Example",
+    "ScratchArithmeticTask",
+    "Task",
+    "encode_prompts",
+    "get_task",
+    "make_tokenizer",
+    "preference_pairs",
+    "preference_prob",
+]

@@ -1,0 +1,81 @@
+"""Held-out accuracy and response length of a policy under greedy decoding.
+
+Greedy decoding makes the score a property of the weights alone (no sampling noise), so two
+checkpoints can be compared on the same examples. Lengths are reported split by correctness because
+Dr. GRPO (arXiv 2503.20783, Sec. 3.1) claims that GRPO's per-response length normalization makes
+*incorrect* responses grow longer while correct ones do not.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+
+from xxpo.rollout import decode_responses, sample
+from xxpo.tasks.tokenizer import encode_prompts
+
+SUBSET_SEED = 0
+"""Seed of the fixed random subset drawn when ``n`` is given (the same ``n`` always gives the same examples)."""
+
+
+def evaluate(
+    model: torch.nn.Module,
+    tokenizer,
+    task,
+    *,
+    split: str = "test",
+    n: int | None = None,
+    batch_size: int = 256,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """Greedy-decode ``task.split(split)`` (or a fixed subset of ``n`` examples) and score it.
+
+    Returns ``accuracy`` (fraction ``task.is_correct``), ``mean_reward``, ``mean_length`` (generated
+    tokens per response, EOS included), ``mean_length_correct`` and ``mean_length_incorrect`` (NaN
+    when there is no such response) and ``n`` (examples scored).
+    ``max_new_tokens`` defaults to ``task.max_new_tokens``.
+    """
+    examples = task.split(split)
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= len(examples):
+            raise ValueError(f"n must be an int in [1, {len(examples)}] or None, got {n!r}")
+        keep = sorted(random.Random(SUBSET_SEED).sample(range(len(examples)), n))
+        examples = [examples[i] for i in keep]
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if max_new_tokens is None:
+        max_new_tokens = task.max_new_tokens
+
+    device = next(model.parameters()).device
+    correct, rewards, lengths = [], [], []
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in batch])  # (b, P), (b, P)
+        rollout = sample(
+            model,
+            prompt_ids.to(device),
+            prompt_mask.to(device),
+            num_samples=1,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            greedy=True,
+        )
+        for ex, text in zip(batch, decode_responses(tokenizer, rollout)):
+            correct.append(bool(task.is_correct(ex, text)))
+            rewards.append(float(task.reward(ex, text)))
+        lengths.extend(rollout.lengths.tolist())
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values) if values else math.nan
+
+    return {
+        "accuracy": mean([float(c) for c in correct]),
+        "mean_reward": mean(rewards),
+        "mean_length": mean(lengths),
+        "mean_length_correct": mean([n_tok for n_tok, c in zip(lengths, correct) if c]),
+        "mean_length_incorrect": mean([n_tok for n_tok, c in zip(lengths, correct) if not c]),
+        "n": len(examples),
+    }
