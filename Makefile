@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# SFT base models are trained once and cached here (tests, notebooks and `xxpo train` share them).
+export XXPO_CACHE ?= $(CURDIR)/.xxpo_cache
+export HF_HUB_OFFLINE := 1
 
 .PHONY: test book reproduce clean
 
@@ -14,13 +17,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 book: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/jupyter-book build . -W -n --keep-going
+	$(BIN)/jupyter-book build . -W -n --keep-going
 
 reproduce: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/xxpo reproduce --profile full
+	$(BIN)/xxpo reproduce --profile full
 
 clean:
 	rm -rf _build

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from xxpo import objectives
 from xxpo.functional import (
@@ -283,7 +284,7 @@ class Trainer:
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
                     self.optimizer.step()
                     metrics = {k: float(v) for k, v in out.metrics.items()}
-                    metrics.update(loss=float(out.loss), grad_norm=float(grad_norm),
+                    metrics.update(loss=float(out.loss.detach()), grad_norm=float(grad_norm),
                                    entropy=float(masked_mean(entropy.detach(), mb.response_mask)))
                     if self.critic is not None:
                         metrics.update(self.critic_step(mb, rewards[idx], extra_mb))
@@ -345,8 +346,6 @@ class Trainer:
         started = time.perf_counter()
         if self.base_eval is None:
             self.base_eval = self.evaluate()
-        from tqdm.auto import tqdm
-
         bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
                    initial=self.start_step, total=c.steps)
         for step in bar:

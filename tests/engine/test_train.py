@@ -1,0 +1,188 @@
+"""The RL training loop: determinism, resume, learning for every method, config validation, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+from xxpo import objectives
+from xxpo.train import POLICY_METHODS, TrainConfig, train
+from xxpo.train.sft import base_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TIME_COLUMNS = ("time_rollout", "time_prox", "time_update", "time_eval", "time_step", "tokens_per_second")
+# A budget small enough for CI and large enough to move a tiny model (measured in the closing note).
+FAST = dict(steps=6, prompts_per_step=16, eval_every=6, eval_n=100, progress=False)
+
+
+def comparable(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in TIME_COLUMNS if c in df.columns])
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """The cached SFT base model of the default task (trained once per test session)."""
+    return base_model(TrainConfig().task, "tiny", seed=0)
+
+
+def test_same_config_and_seed_give_identical_metrics(base):
+    config = TrainConfig.from_preset("grpo", steps=3, eval_every=3, eval_n=50, progress=False)
+    a, b = train(config), train(config)
+    pd.testing.assert_frame_equal(comparable(a.metrics), comparable(b.metrics))
+    for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+def test_different_seeds_differ(base):
+    a = train(TrainConfig.from_preset("grpo", steps=2, eval_every=2, eval_n=20, progress=False, seed=0))
+    b = train(TrainConfig.from_preset("grpo", steps=2, eval_every=2, eval_n=20, progress=False, seed=1))
+    assert not comparable(a.metrics).equals(comparable(b.metrics))
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["grpo", "ppo", "a3po"])
+def test_killed_run_resumes_to_the_same_metrics(base, tmp_path, method):
+    config = TrainConfig.from_preset(method, steps=5, eval_every=2, eval_n=30, progress=False, checkpoint_every=2,
+                                     minibatches=2, staleness=1 if method == "a3po" else 0)
+    full = train(config, tmp_path / "full")
+
+    def kill_after_step_2(step, row):
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(config, tmp_path / "resumed", callback=kill_after_step_2)
+    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
+    assert not (tmp_path / "resumed" / "metrics.csv").exists()
+    resumed = train(config, tmp_path / "resumed", resume=True)
+    pd.testing.assert_frame_equal(comparable(full.metrics), comparable(resumed.metrics))
+    on_disk = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
+    assert len(on_disk) == config.steps
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(base, tmp_path):
+    config = TrainConfig.from_preset("grpo", steps=2, eval_every=2, eval_n=20, progress=False, checkpoint_every=1)
+    train(config, tmp_path)
+    other = TrainConfig.from_preset("grpo", steps=2, eval_every=2, eval_n=20, progress=False, checkpoint_every=1, lr=1e-4)
+    with pytest.raises(ValueError, match="different config"):
+        train(other, tmp_path, resume=True)
+
+
+def test_run_files_and_summary(base, tmp_path):
+    result = train(TrainConfig.from_preset("dr_grpo", steps=2, eval_every=1, eval_n=20, progress=False), tmp_path)
+    metrics = pd.read_csv(tmp_path / "metrics.csv")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert list(metrics["step"]) == [0, 1]
+    for column in ("reward_mean", "train_accuracy", "eval_accuracy", "response_length", "length_correct",
+                   "length_incorrect", "kl_ref", "entropy", "clip_frac_low", "clip_frac_high", "ratio_mean",
+                   "grad_norm", "time_rollout", "time_prox", "time_update", "tokens_per_second"):
+        assert column in metrics.columns, column
+    for key in ("base_eval_accuracy", "final_eval_accuracy", "seconds_per_step", "config", "seed", "environment"):
+        assert key in summary, key
+    assert summary["config"]["method"] == "dr_grpo"
+    assert summary["final_eval_accuracy"] == pytest.approx(result.metrics["eval_accuracy"].iloc[-1])
+
+
+def test_kl_to_reference_starts_at_zero_and_ratio_is_one_on_policy(base):
+    result = train(TrainConfig.from_preset("grpo", steps=1, eval_every=1, eval_n=20, progress=False, minibatches=1))
+    row = result.metrics.iloc[0]
+    assert abs(row["kl_ref"]) < 1e-5  # the policy is the reference before the first update
+    assert row["ratio_mean"] == pytest.approx(1.0, abs=1e-5)  # one minibatch: on-policy
+    assert row["clip_frac"] == 0.0
+
+
+def test_later_minibatches_are_off_policy(base):
+    on = train(TrainConfig.from_preset("grpo", steps=2, eval_every=2, eval_n=20, progress=False, minibatches=1))
+    off = train(TrainConfig.from_preset("grpo", steps=2, eval_every=2, eval_n=20, progress=False, minibatches=4))
+    assert on.metrics["ratio_max"].max() == pytest.approx(1.0, abs=1e-5)
+    assert off.metrics["ratio_max"].max() > 1.0 + 1e-4
+
+
+def test_staleness_is_recorded(base):
+    result = train(TrainConfig.from_preset("decoupled_ppo", steps=4, eval_every=4, eval_n=20, progress=False,
+                                           staleness=2, group_size=4, prompts_per_step=8))
+    assert list(result.metrics["staleness_mean"]) == [0.0, 1.0, 2.0, 2.0]
+    assert (result.metrics["time_prox"] > 0).all()
+
+
+LEARNING = {
+    # method -> overrides at the suite's CPU scale (the same for every seed and test)
+    "ppo": dict(),
+    "trpo": dict(max_kl=0.05),
+    "grpo": dict(kl_coef=0.0),
+    "dr_grpo": dict(),
+    "dapo": dict(),
+    "gspo": dict(),
+    "gspo_token": dict(),
+    "sapo": dict(),
+    "decoupled_ppo": dict(staleness=2),
+    "a3po": dict(staleness=2),
+    "sppo_seq": dict(prompts_per_step=64),
+}
+
+
+def test_every_policy_method_is_covered():
+    assert set(LEARNING) == set(POLICY_METHODS)
+    assert set(POLICY_METHODS) <= set(objectives.METHODS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(LEARNING))
+def test_each_method_learns_from_the_base_model(base, method):
+    """A small CPU budget raises held-out accuracy over the base model, and every policy tensor moves."""
+    config = TrainConfig.from_preset(method, **{**FAST, "steps": 12, "eval_every": 12, "eval_n": 200, **LEARNING[method]})
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    result = train(config)
+    gain = result.summary["final_eval_accuracy"] - result.summary["base_eval_accuracy"]
+    assert gain > 0, f"{method}: {result.summary['base_eval_accuracy']:.3f} -> {result.summary['final_eval_accuracy']:.3f}"
+    after = result.model.state_dict()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"{method} left these tensors unchanged: {unchanged}"
+    assert all(math.isfinite(x) for x in result.metrics["loss"].dropna() if method != "trpo")
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(method="nope"), "method"),
+        (dict(steps=0), "steps"),
+        (dict(lr=-1.0), "lr"),
+        (dict(lr=float("nan")), "lr"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(loss_agg_mode="mean"), "loss_agg_mode"),
+        (dict(adv_norm="z"), "adv_norm"),
+        (dict(kl_estimator="k4"), "kl_estimator"),
+        (dict(staleness=-1), "staleness"),
+        (dict(clip_eps_low=1.5), "clip_eps_low"),
+        (dict(dual_clip_c=0.5), "dual_clip_c"),
+        (dict(minibatches=3), "minibatches"),
+        (dict(prox="exact"), "prox"),
+        (dict(label_smoothing=0.5), "label_smoothing"),
+    ],
+)
+def test_config_rejects_bad_values_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**overrides)
+
+
+def test_group_methods_need_groups():
+    with pytest.raises(ValueError, match="group_size"):
+        TrainConfig(method="grpo", group_size=1)
+
+
+def test_preset_values_flow_into_the_config():
+    gspo = TrainConfig.from_preset("gspo")
+    assert gspo.preset_value("clip_eps_low") == 3e-4 and gspo.preset_value("clip_eps_high") == 4e-4
+    assert gspo.minibatches == 4
+    assert TrainConfig.from_preset("sppo_seq").group_size == 1
+    assert TrainConfig.from_preset("dapo").preset_value("filter_zero_std_groups") is True
+    assert TrainConfig.from_preset("grpo", clip_eps_low=0.1).preset_value("clip_eps_low") == 0.1
