@@ -89,7 +89,7 @@ PRESETS: dict[str, MethodPreset] = {
         "gspo_loss", "sequence", "clip s to [1 - 3e-4, 1 + 4e-4]", "-", "group", "none", "none",
         # eps = 3e-4 / 4e-4 (Sec. 5.1); 4 minibatches per rollout; no KL (TRL paper index).
         dict(clip_eps_low=3e-4, clip_eps_high=4e-4, kl_coef=0.0, adv_norm="group", minibatches=4),
-        samples_per_prompt=8,
+        samples_per_prompt=8,  # G is not stated in the fact sheet's sources; 8 is the suite's default
     ),
     "gspo_token": MethodPreset(
         "gspo_token", "GSPO-token", "Zheng et al. 2025, arXiv 2507.18071 (Sec. 4.3)", "gspo",
@@ -97,15 +97,15 @@ PRESETS: dict[str, MethodPreset] = {
         "gspo_token_loss", "sequence", "clip s to [1 - 3e-4, 1 + 4e-4]", "seq-mean-token-mean", "group", "none", "none",
         # same setting as GSPO (Sec. 4.3 defines it as a drop-in).
         dict(clip_eps_low=3e-4, clip_eps_high=4e-4, kl_coef=0.0, adv_norm="group", minibatches=4),
-        samples_per_prompt=8,
+        samples_per_prompt=8,  # G is not stated in the fact sheet's sources; 8 is the suite's default
     ),
     "sapo": MethodPreset(
         "sapo", "SAPO", "Gao et al. 2025, arXiv 2511.20347", "gspo",
-        "replace the hard clip by a smooth sigmoid gate, narrower for negative advantages",
+        "replace the hard clip by a smooth sigmoid gate (narrower for negative advantages), back at token level",
         "sapo_loss", "token", "soft gate, tau+ = 1.0, tau- = 1.05", "seq-mean-token-mean", "group", "none", "none",
         # tau_pos = 1.0, tau_neg = 1.05, 4 minibatches, other settings as GSPO (Sec. 5.1).
         dict(tau_pos=1.0, tau_neg=1.05, kl_coef=0.0, adv_norm="group", minibatches=4),
-        samples_per_prompt=8,
+        samples_per_prompt=8,  # G is not stated in the fact sheet's sources; 8 is the suite's default
     ),
     "decoupled_ppo": MethodPreset(
         "decoupled_ppo", "Decoupled PPO", "Hilton et al. 2021, arXiv 2110.00641; Fu et al. 2025 (AReaL), arXiv 2505.24298",

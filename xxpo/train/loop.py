@@ -167,10 +167,13 @@ class Trainer:
             return self.loss_fn(logp, old, adv, m, tau_pos=c.tau_pos, tau_neg=c.tau_neg, **({"loss_agg_mode": agg} if agg else {}))
         if method in ("decoupled_ppo", "a3po"):
             kw = dict(clip, behav_weight_cap=c.behav_weight_cap, **({"loss_agg_mode": agg} if agg else {}))
+            prox = extra.get("prox_logp")
             if method == "a3po" or c.prox == "loglinear":
+                t0 = time.perf_counter()
                 staleness = (step - mb.version).clamp(min=0)  # (B, T) policy versions behind the learner
-                return objectives.a3po_loss(logp, old, adv, m, staleness, **kw)
-            return objectives.decoupled_ppo_loss(logp, old, extra["prox_logp"], adv, m, **kw)
+                prox = objectives.a3po_prox_logp(old, logp, staleness)  # no forward pass
+                self.prox_seconds += time.perf_counter() - t0
+            return objectives.decoupled_ppo_loss(logp, old, prox, adv, m, **kw)
         # ppo, sppo_seq
         return self.loss_fn(logp, old, adv, m, **clip, **({"dual_clip_c": c.dual_clip_c} if method == "ppo" else {}),
                             **({"loss_agg_mode": agg} if agg else {}))
@@ -256,7 +259,7 @@ class Trainer:
         if c.method == "decoupled_ppo" and c.prox == "recompute" and len(rollout):
             with torch.no_grad():
                 extra["prox_logp"] = response_logprobs(self.policy, rollout, c.temperature)  # one extra forward
-        row["time_prox"] = time.perf_counter() - t0
+        self.prox_seconds = time.perf_counter() - t0
 
         routing_before = None
         if c.track_routing and self.is_moe and len(rollout):
@@ -290,6 +293,7 @@ class Trainer:
                         metrics.update(self.critic_step(mb, rewards[idx], extra_mb))
                     mb_metrics.append(metrics)
         row["time_update"] = time.perf_counter() - t0
+        row["time_prox"] = self.prox_seconds  # recompute: one forward pass; A-3PO: the interpolation
         for key in sorted({k for mm in mb_metrics for k in mm}):
             values = [mm[key] for mm in mb_metrics if key in mm]
             row[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
