@@ -16,8 +16,9 @@ Three pieces:
    Sec. 4.1): rollouts come from weights up to ``eta`` versions older than the learner's.
 
 Position ids: prompts are LEFT padded, so a row's first real token sits at a different column in each
-row. Every forward here uses ``position_ids = cumsum(attention_mask) - 1`` (clamped at 0 on padding),
-so a real token's position counts real tokens only, whatever the padding.
+row. Every forward here uses ``position_ids = cumsum(attention_mask) - 1`` (clamped at 0 on padding;
+:func:`xxpo.models.position_ids_from_mask`, the rule the critics use too), so a real token's position
+counts real tokens only, whatever the padding.
 """
 
 from __future__ import annotations

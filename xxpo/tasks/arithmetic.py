@@ -14,8 +14,9 @@ Format (one character per token, see :mod:`xxpo.tasks.tokenizer`):
   scratch length uniformly from ``0..max_scratch`` dots, so the fine-tuned model starts with real
   length variance, and ``max_new_tokens`` leaves room for responses much longer than that.
 
-Splits. Problems are drawn from the operand grid by a ``random.Random`` seeded with the task name, so
-they are the same on every machine and run. The test split is drawn first; a training problem is
+Splits. Problems are drawn from the operand grid by a ``random.Random`` seeded with the operator and
+the operand ranges, so they are the same on every machine and run, and ``add2_scratch`` poses exactly
+the problems of ``add2``. The test split is drawn first; a training problem is
 kept only if its operand pair, taken unordered, is not in the test split, so neither ``23+45=`` nor
 ``45+23=`` appears in train when ``23+45=`` is a test problem.
 
@@ -90,7 +91,7 @@ class ArithmeticTask(Task):
         (a_low, a_high), (b_low, b_high) = self.a_range, self.b_range
         b_count = b_high - b_low + 1
         grid = (a_high - a_low + 1) * b_count
-        rng = random.Random(f"xxpo-split:{self.name}:{self.op}:{self.a_range}:{self.b_range}")
+        rng = random.Random(f"xxpo-split:{self.op}:{self.a_range}:{self.b_range}")
         order = rng.sample(range(grid), min(grid, 3 * (self.n_train + self.n_test)))
         test, train = [], []
         test_pairs: set[tuple[int, int]] = set()
@@ -113,7 +114,8 @@ class ArithmeticTask(Task):
                 break
         if len(train) < self.n_train:
             raise ValueError(
-                f"n_train={self.n_train} is more than the {len(train)} problems left after the test split of task {self.name!r}"
+                f"n_train={self.n_train} is more than the {len(train)} problems of task {self.name!r} "
+                "left after its test split"
             )
         return {"train": train, "test": test}
 

@@ -42,7 +42,7 @@ class TrainConfig:
     top_p: float = _f(1.0, "Nucleus sampling threshold (1.0 = off)")
     epochs: int = _f(1, "mu: passes over each rollout batch")
     minibatches: int = _f(1, "Optimizer steps per epoch; > 1 makes later minibatches off-policy")
-    lr: float = _f(1e-3, "Adam learning rate of the policy")
+    lr: float = _f(3e-4, "AdamW learning rate of the policy")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float | None = _f(1.0, "Max global grad norm (None = no clipping)")
     # the objective

@@ -43,6 +43,21 @@ def evaluate(
             raise ValueError(f"n must be an int in [1, {len(examples)}] or None, got {n!r}")
         keep = sorted(random.Random(SUBSET_SEED).sample(range(len(examples)), n))
         examples = [examples[i] for i in keep]
+    return score_examples(model, tokenizer, task, examples, batch_size=batch_size, max_new_tokens=max_new_tokens)
+
+
+def score_examples(
+    model: torch.nn.Module,
+    tokenizer,
+    task,
+    examples: list,
+    *,
+    batch_size: int = 256,
+    max_new_tokens: int | None = None,
+) -> dict[str, float]:
+    """:func:`evaluate` on an explicit list of examples (e.g. a validation slice of the train split)."""
+    if not examples:
+        raise ValueError("examples must be a non-empty list")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if max_new_tokens is None:

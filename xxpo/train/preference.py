@@ -20,8 +20,9 @@ Choices made here (each is also a deviation to report in the book):
    (:func:`xxpo.tasks.preference_pairs`); prompts without both are skipped. This is the paper's recipe
    (pairs drawn from pi_SFT = pi_ref, Sec. 4) and current practice (on-policy pairs scored by a judge);
    the task's synthetic near misses would be off-policy negatives the model never produces. Prompts are
-   mined in a seeded random order until there are ``steps * prompts_per_step`` pairs (one pass, no
-   repeats) or the training split runs out (then the pairs are cycled in the same order).
+   mined in a seeded random order until there are ``steps * prompts_per_step / epochs`` pairs or the
+   training split runs out; training then makes ``epochs`` passes over them, reshuffled every pass
+   (``epochs`` counts passes over the offline dataset here, not over a rollout batch).
 2. Sequence log-probs are SUMS of token log-probs (the papers' log pi(y|x)), also for IPO; TRL instead
    length-averages for IPO. A response is its text plus EOS, as in SFT.
 3. SPPO applies the loss to ALL K samples of each prompt (the paper's Algorithm 1). The authors' code
@@ -31,7 +32,7 @@ Choices made here (each is also a deviation to report in the book):
 4. ``steps`` is the total number of SPPO optimizer steps; iteration t runs steps t*S//I .. (t+1)*S//I - 1.
    Samples are drawn from pi_t step by step instead of as one dataset per iteration: pi_t is frozen
    within the iteration, so the distribution is the same.
-5. One optimizer step per training step (``epochs`` and ``minibatches`` are for the RL loop only).
+5. One optimizer step per training step (``minibatches`` is for the RL loop only; so is ``epochs`` for SPPO).
 
 Measured per step: the objective's metrics, ``grad_norm``, and ``kl_ref``, a k1 estimate of
 KL(pi || pi_base) per token: one fresh sample per step prompt from the current policy (before the
@@ -181,7 +182,7 @@ class PreferenceTrainer:
     def mine_pairs(self) -> dict[str, torch.Tensor]:
         """The offline DPO dataset: pairs from the base model's samples, tokenized and scored by the reference once."""
         c, t0 = self.config, time.perf_counter()
-        target = c.steps * c.prompts_per_step
+        target = math.ceil(c.steps * c.prompts_per_step / c.epochs)
         order = self.prompt_rng.sample(range(len(self.train_examples)), len(self.train_examples))
         pair_rng = random.Random(c.seed)
         pairs, used = [], 0
@@ -212,6 +213,9 @@ class PreferenceTrainer:
                                       c.temperature)
                     for i in range(0, n, LOGPROB_CHUNK)
                 ])  # (N,)
+        passes = math.ceil(c.steps * c.prompts_per_step / n) + 1
+        shuffle_gen = torch.Generator().manual_seed(c.seed)
+        self.order = torch.cat([torch.randperm(n, generator=shuffle_gen) for _ in range(passes)]).to(self.device)  # epoch by epoch
         self.data_info = {"source": "base model samples, verifier-labelled", "pairs": n, "prompts_sampled": used,
                           "pair_yield": n / used, "seconds": time.perf_counter() - t0}
         return data
@@ -241,10 +245,8 @@ class PreferenceTrainer:
 
     def dpo_step(self, step: int) -> dict:
         c, data = self.config, self.pairs
-        n = len(data["ref_chosen"])
-        idx = torch.tensor([(step * c.prompts_per_step + j) % n for j in range(min(c.prompts_per_step, n))],
-                           device=self.device)  # (b,)
-        row: dict = {"epoch": step * c.prompts_per_step / n}
+        idx = self.order[step * c.prompts_per_step : (step + 1) * c.prompts_per_step]  # (b,)
+        row: dict = {"epoch": step * c.prompts_per_step / len(data["ref_chosen"])}
         t0 = time.perf_counter()
         row["kl_ref"] = self.kl_to(data["prompt_ids"][idx], data["prompt_mask"][idx], {"base": self.base})["base"]
         row["time_kl"] = time.perf_counter() - t0
@@ -263,7 +265,7 @@ class PreferenceTrainer:
                                   label_smoothing=c.label_smoothing)
         row["grad_norm"] = self.optimize(out.loss)
         row["time_update"] = time.perf_counter() - t0
-        row.update(loss=float(out.loss), logp_chosen=float(logp[:b].mean()), logp_rejected=float(logp[b:].mean()),
+        row.update(loss=out.loss.item(), logp_chosen=logp[:b].mean().item(), logp_rejected=logp[b:].mean().item(),
                    **{k: float(v) for k, v in out.metrics.items()})
         return row
 
@@ -305,7 +307,7 @@ class PreferenceTrainer:
         out = objectives.sppo_selfplay_loss(logp_seq, ref_seq, win, eta=c.eta)
         row["grad_norm"] = self.optimize(out.loss)
         row["time_update"] = time.perf_counter() - t0
-        row.update(loss=float(out.loss), **{k: float(v) for k, v in out.metrics.items()})
+        row.update(loss=out.loss.item(), **{k: float(v) for k, v in out.metrics.items()})
         return row
 
     # -------------------------------------------------------------- the run
