@@ -69,7 +69,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if config.method in PREFERENCE_METHODS:
         from xxpo.train.preference import train_preference
 
-        result = train_preference(config, args.out)
+        result = train_preference(config, args.out, resume=args.resume)
     else:
         result = train(config, args.out, resume=args.resume)
     s = result.summary

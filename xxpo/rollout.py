@@ -177,7 +177,8 @@ def sample(
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id), ("policy_version", policy_version)):
+    for name, value in (("eos_token_id", eos_token_id), ("pad_token_id", pad_token_id),
+                        ("policy_version", policy_version)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
@@ -190,13 +191,15 @@ def sample(
     device = next(model.parameters()).device
     prompt_ids = prompt_ids.to(device).repeat_interleave(num_samples, dim=0)  # (B, P)
     prompt_mask = prompt_mask.to(device).long().repeat_interleave(num_samples, dim=0)  # (B, P)
-    prompt_index = torch.arange(prompt_ids.shape[0] // num_samples, device=device).repeat_interleave(num_samples)  # (B,)
+    n_prompts = prompt_ids.shape[0] // num_samples
+    prompt_index = torch.arange(n_prompts, device=device).repeat_interleave(num_samples)  # (B,)
 
     was_training = model.training
     model.eval()
     try:
         response_ids, logps = _decode(
-            model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator, greedy
+            model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
+            temperature, top_p, generator, greedy,
         )
     finally:
         model.train(was_training)
@@ -218,7 +221,9 @@ def sample(
     )
 
 
-def _decode(model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator, greedy):
+def _decode(
+    model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator, greedy
+):
     """The decoding loop of :func:`sample`: returns response ids ``(B, T)`` and their log-probs ``(B, T)``."""
     b = prompt_ids.shape[0]
     cache = DynamicCache(config=model.config)
@@ -281,7 +286,9 @@ def token_logprobs(
     if not isinstance(response_ids, torch.Tensor) or response_ids.dtype != torch.long or response_ids.dim() != 2:
         raise TypeError("response_ids must be a (B, T) torch.long tensor")
     if response_ids.shape[0] != prompt_ids.shape[0]:
-        raise ValueError(f"response_ids must have {prompt_ids.shape[0]} rows like prompt_ids, got {response_ids.shape[0]}")
+        raise ValueError(
+            f"response_ids must have {prompt_ids.shape[0]} rows like prompt_ids, got {response_ids.shape[0]}"
+        )
     check_mask("response_mask", response_mask, response_ids.shape)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
     t = response_ids.shape[1]
@@ -390,7 +397,9 @@ class LaggedPolicy:
             lag = int(torch.randint(0, self.eta + 1, (1,), generator=self.generator))
         version = max(0, step - lag)
         if version not in self.snapshots:
-            raise ValueError(f"version {version} is no longer kept (kept: {sorted(self.snapshots)}); publish every step")
+            raise ValueError(
+                f"version {version} is no longer kept (kept: {sorted(self.snapshots)}); publish every step"
+            )
         if version != self.loaded_version:
             self.inference_model.load_state_dict(self.snapshots[version])
             self.loaded_version = version

@@ -19,7 +19,8 @@ from xxpo.train.sft import base_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHORT = dict(steps=3, prompts_per_step=8, group_size=4, eval_every=3, eval_n=40, progress=False, eta=10.0)
+SHORT = dict(steps=4, iterations=2, prompts_per_step=8, group_size=4, eval_every=2, eval_n=30, checkpoint_every=1,
+             progress=False, eta=10.0)
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
@@ -97,39 +98,46 @@ def test_mined_pairs_are_base_samples_labelled_by_the_verifier(base):
     assert again == pairs
 
 
+@pytest.fixture(scope="module")
+def short_runs(base):
+    """One short run per method (no out_dir, so no checkpoint is written), shared by the tests below."""
+    return {method: train_preference(TrainConfig(method=method, **SHORT)) for method in PREFERENCE_METHODS}
+
+
 @pytest.mark.parametrize("method, expected_loss", [("dpo", math.log(2.0)), ("ipo", (1 / (2 * 0.1)) ** 2)])
-def test_first_dpo_step_sits_at_the_frozen_reference(base, method, expected_loss):
+def test_first_dpo_step_sits_at_the_frozen_reference(short_runs, method, expected_loss):
     """Before any update the policy is the reference: h = 0, so the loss is log 2 (DPO) or (1/(2 beta))^2 (IPO)."""
-    result = train_preference(TrainConfig(method=method, dpo_beta=0.1, **{**SHORT, "steps": 2, "eval_every": 2}))
-    first = result.metrics.iloc[0]
-    assert first["loss"] == pytest.approx(expected_loss, rel=1e-5)
-    assert abs(first["reward_margin"]) < 1e-6 and abs(first["kl_ref"]) < 1e-5
-    second = result.metrics.iloc[1]
-    assert second["kl_ref"] > 1e-6  # the policy has moved; the reference has not
-    assert second["loss"] != pytest.approx(expected_loss, rel=1e-5)
+    m = short_runs[method].metrics
+    assert short_runs[method].summary["config"]["dpo_beta"] == 0.1
+    assert m["loss"][0] == pytest.approx(expected_loss, rel=1e-5)
+    assert abs(m["reward_margin"][0]) < 1e-6 and abs(m["kl_ref"][0]) < 1e-5
+    assert m["kl_ref"][1:].abs().min() > 1e-6  # the policy has moved (k1 is noisy, its sign is not fixed)
+    assert (m["loss"][1:] - expected_loss).abs().min() > 1e-5  # ... and the frozen reference has not
+    assert list(m["epoch"]) == [0.0, 0.25, 0.5, 0.75]  # steps * prompts_per_step pairs: one pass
 
 
-def test_sppo_refreshes_its_reference_every_iteration(base):
-    config = TrainConfig(method="sppo_selfplay", **{**SHORT, "steps": 4, "iterations": 2, "eval_every": 4})
-    m = train_preference(config).metrics
+def test_sppo_refreshes_its_reference_every_iteration(short_runs):
+    m = short_runs["sppo_selfplay"].metrics
     assert list(m["iteration"]) == [0, 0, 1, 1]
     for step in (0, 2):  # first step of an iteration: pi = pi_t
         assert abs(m["log_ratio_mean"][step]) < 1e-4 and abs(m["kl_iter"][step]) < 1e-5
     assert abs(m["log_ratio_mean"][1]) > 1e-4 and abs(m["log_ratio_mean"][3]) > 1e-4
-    assert m["kl_ref"][2] > 1e-4  # ... while the policy is no longer the base model
+    assert abs(m["kl_ref"][2]) > 1e-4  # ... while the policy is no longer the base model
     assert (m["target_mean"].abs() < 1e-4).all()  # win rates of a group average 1/2: centred targets
     assert (m["win_prob_mean"] - 0.5).abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("method", ["dpo", "sppo_selfplay"])
-def test_same_config_and_seed_give_identical_metrics(base, method):
-    config = TrainConfig(method=method, **SHORT)
-    a, b = train_preference(config), train_preference(config)
+def test_same_config_and_seed_give_identical_metrics(short_runs, method):
+    a, b = short_runs[method], train_preference(TrainConfig(method=method, **SHORT))
     pd.testing.assert_frame_equal(comparable(a.metrics), comparable(b.metrics))
     for (name, pa), (_, pb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(pa, pb), name
-    other = train_preference(TrainConfig(method=method, **{**SHORT, "seed": 1}))
-    assert not comparable(a.metrics).equals(comparable(other.metrics))
+
+
+def test_different_seeds_differ(short_runs):
+    other = train_preference(TrainConfig(method="dpo", **{**SHORT, "seed": 1}))
+    assert not comparable(short_runs["dpo"].metrics).equals(comparable(other.metrics))
 
 
 class Killed(Exception):
@@ -137,28 +145,34 @@ class Killed(Exception):
 
 
 @pytest.mark.parametrize("method", ["dpo", "sppo_selfplay"])
-def test_killed_run_resumes_to_the_same_metrics(base, tmp_path, method):
-    config = TrainConfig(method=method, **{**SHORT, "steps": 4, "iterations": 2, "eval_every": 2, "checkpoint_every": 1})
-    full = train_preference(config, tmp_path / "full")
+def test_killed_run_resumes_to_the_same_metrics(short_runs, tmp_path, method):
+    config = TrainConfig(method=method, **SHORT)
 
-    def kill_after_step_2(step, row):
+    def kill_after_step_2(step, row):  # SPPO: inside its second iteration, so pi_t must come back too
         if step == 2:
             raise Killed
 
     with pytest.raises(Killed):
-        train_preference(config, tmp_path / "resumed", callback=kill_after_step_2)
-    assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
-    resumed = train_preference(config, tmp_path / "resumed", resume=True)
-    pd.testing.assert_frame_equal(comparable(full.metrics), comparable(resumed.metrics))
-    assert len(pd.read_csv(tmp_path / "resumed" / "metrics.csv")) == config.steps
+        train_preference(config, tmp_path, callback=kill_after_step_2)
+    assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "metrics.csv").exists()
+    resumed = train_preference(config, tmp_path, resume=True)
+    pd.testing.assert_frame_equal(comparable(short_runs[method].metrics), comparable(resumed.metrics))
+    assert len(pd.read_csv(tmp_path / "metrics.csv")) == config.steps
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(short_runs, tmp_path):
+    config = TrainConfig(method="sppo_selfplay", **{**SHORT, "steps": 2})
+    train_preference(config, tmp_path)
+    with pytest.raises(ValueError, match="different config"):
+        train_preference(TrainConfig(method="sppo_selfplay", **{**SHORT, "steps": 2, "eta": 3.0}), tmp_path, resume=True)
 
 
 def test_run_files_and_summary(base, tmp_path):
-    result = train_preference(TrainConfig(method="sppo_selfplay", **{**SHORT, "steps": 2, "iterations": 2, "eval_every": 1}),
-                              tmp_path)
+    result = train_preference(TrainConfig(method="sppo_selfplay", **{**SHORT, "steps": 2, "eval_every": 1}), tmp_path)
     metrics = pd.read_csv(tmp_path / "metrics.csv")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert list(metrics["step"]) == [0, 1]
+    assert metrics["eval_accuracy"].notna().all()  # eval_every=1
     for column in ("loss", "grad_norm", "kl_ref", "kl_iter", "log_ratio_mean", "target_mean", "train_accuracy",
                    "eval_accuracy", "eval_win_rate", "time_rollout", "time_update", "time_step"):
         assert column in metrics.columns, column
@@ -173,12 +187,10 @@ def test_run_files_and_summary(base, tmp_path):
 # learning
 # --------------------------------------------------------------------------------------------------
 
-# Settings at the suite's scale (answers of 2-4 tokens), the same for every seed. The papers' beta = 0.1 and
-# eta = 1000 assume responses of hundreds of tokens, whose log-ratios run to tens of nats; here a log-ratio
-# of a few nats already rewrites an answer. So beta is raised until beta * h is O(1) at h of ~1 nat (DPO:
-# beta = 1; IPO: beta = 0.5, a target margin 1 / (2 beta) of 1 nat), and eta is cut to 2, so the targets
-# eta (P - 1/2) stay within +-1 nat. Measured on add2 (base 0.295, 3 seeds, 30 steps): DPO 0.335-0.455,
-# IPO 0.345-0.370, SPPO 0.350-0.360; with beta = 0.1 DPO stays at 0.300, with eta = 1000 SPPO falls to 0.235.
+# Settings at the suite's scale (answers of 2-4 tokens), the same for every seed; why beta and eta differ from
+# the papers' 0.1 and 1000: see "Scale" in the module docstring of xxpo.train.preference. Measured on add2
+# (base 0.295, seeds 0-2), final accuracy / win rate vs base: DPO 0.36-0.45 / 0.54-0.57, IPO 0.375-0.385 /
+# 0.55-0.56, SPPO 0.35-0.36 / 0.54-0.55.
 LEARNING = {
     "dpo": dict(dpo_beta=1.0, lr=1e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
     "ipo": dict(dpo_beta=0.5, lr=3e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),

@@ -108,7 +108,8 @@ def test_loop_stops_when_every_row_has_finished(dense, tok, prompts):
 
 
 def test_no_eos_runs_to_max_new_tokens(dense, tok, prompts):
-    r = run(LogitBias(dense, tok.eos_token_id, -1e4), tok, prompts, max_new_tokens=7, generator=torch.Generator().manual_seed(0))
+    never_eos = LogitBias(dense, tok.eos_token_id, -1e4)
+    r = run(never_eos, tok, prompts, max_new_tokens=7, generator=torch.Generator().manual_seed(0))
     assert r.response_ids.shape[1] == 7 and (r.response_mask == 1).all()
 
 

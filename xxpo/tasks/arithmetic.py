@@ -16,12 +16,26 @@ Format (one character per token, see :mod:`xxpo.tasks.tokenizer`):
 
 Splits. Problems are drawn from the operand grid by a ``random.Random`` seeded with the operator and
 the operand ranges, so they are the same on every machine and run, and ``add2_scratch`` poses exactly
-the problems of ``add2``. The test split is drawn first; a training problem is
-kept only if its operand pair, taken unordered, is not in the test split, so neither ``23+45=`` nor
-``45+23=`` appears in train when ``23+45=`` is a test problem.
+the problems of ``add2``. The test split is drawn first; a training problem is kept only if its
+operand pair, taken unordered, is not in the test split, so neither ``23+45=`` nor ``45+23=``
+appears in train when ``23+45=`` is a test problem.
 
-Difficulty (measured with the ``tiny`` preset, ~125k parameters, after a short SFT on 2 CPU cores):
-see ``TASK_SPECS`` below for the levels and the README of the engine tests for the numbers.
+Difficulty. Greedy accuracy on 300 held-out problems of the ``tiny`` preset (~125k parameters) after
+``xxpo.train.sft.sft_train`` with batch 64 and lr 3e-3 (seed 0, one run each, so only a rough ladder):
+
+=================  ========================  ================================
+task               operands                  accuracy after 300 / 600 / 1200 SFT steps
+=================  ========================  ================================
+``add2``           0-99 + 0-99               14% / 80% / -
+``sub2``           0-99 - 0-99               - / 24% / -
+``mul1``           0-999 * 0-9               - / 15% / -
+``mul2``           0-99 * 0-99               - / 6% / -
+``add3``           0-999 + 0-999             - / 1% / -
+``add2_scratch``   as ``add2``, scratch 0-8  - / 4% / 68%
+=================  ========================  ================================
+
+Learning is abrupt (``add2`` goes from 14% to 80% between 300 and 600 steps), so a base model with a
+partial accuracy is best made by stopping SFT at a target accuracy rather than after fixed steps.
 """
 
 from __future__ import annotations

@@ -4,14 +4,22 @@ DPO (arXiv 2305.18290) and IPO (arXiv 2310.12036) learn from a fixed set of pair
 reference; self-play SPPO (arXiv 2405.00675) samples from the previous iterate pi_t, asks a preference
 oracle how often each sample beats pi_t, and regresses log(pi / pi_t) onto that win rate.
 
-    dpo / ipo:                                             sppo_selfplay:
-      pairs = mine(base model samples, verifier)             for t in range(iterations):
-      ref   = log pi_base of every pair (once)                   pi_t = frozen copy of the policy
-      for step in range(steps):                                  for its share of the steps:
-          batch = next prompts_per_step pairs                        y_1..y_K ~ pi_t(.|x)  (K = group_size)
-          loss  = dpo_loss(sums of token log-probs, ref)             P_k = mean_j P(y_k > y_j | x)  (the oracle)
-          step the optimizer                                         loss = sppo_selfplay_loss(log pi(y_k), log pi_t(y_k), P_k)
-                                                                     step the optimizer
+    dpo / ipo:
+        pairs = mine(base model samples, verifier)            (chosen correct, rejected incorrect)
+        ref   = log pi_base(y | x) of every pair, once        (the frozen reference)
+        for step in range(steps):
+            batch = the next prompts_per_step pairs
+            loss  = dpo_loss(log pi(y_w), log pi(y_l), ref)   (sums of token log-probs)
+            step the optimizer
+
+    sppo_selfplay:
+        for t in range(iterations):
+            pi_t = frozen copy of the policy
+            for each of its share of the steps:
+                y_1..y_K ~ pi_t(. | x)                        (K = group_size, for prompts_per_step prompts)
+                P_k  = mean_j P(y_k > y_j | x)                (the preference oracle)
+                loss = sppo_selfplay_loss(log pi(y_k), log pi_t(y_k), P_k; eta)
+                step the optimizer
 
 Choices made here (each is also a deviation to report in the book):
 
@@ -33,6 +41,16 @@ Choices made here (each is also a deviation to report in the book):
    Samples are drawn from pi_t step by step instead of as one dataset per iteration: pi_t is frozen
    within the iteration, so the distribution is the same.
 5. One optimizer step per training step (``minibatches`` is for the RL loop only; so is ``epochs`` for SPPO).
+
+Scale (a deviation to state wherever results are shown). The papers' beta = 0.1 (DPO) and eta = 1000
+(SPPO, eta = 1/beta) suit responses of hundreds of tokens, whose log-ratios reach tens of nats. The
+suite's answers are 2-5 tokens, where a log-ratio of a nat or two already changes the greedy answer.
+The tests therefore use beta = 1 for DPO (beta * h = O(1) at h ~ 1 nat), beta = 0.5 for IPO (target
+margin 1 / (2 beta) = 1 nat) and eta = 2 for SPPO (targets eta (P - 1/2) within +-1 nat). Held-out
+accuracy on add2 (tiny model, base 0.295, 30 steps, seeds 0-2): DPO 0.36-0.45 with beta = 1 but
+0.255-0.305 with beta = 0.1 (its chosen log-probs fall while the rejected ones fall faster); IPO
+0.375-0.385 with beta = 0.5, 0.325-0.385 with beta = 0.1; SPPO 0.35-0.36 with eta = 2 but 0.23-0.245
+with eta = 1000. The config defaults stay the papers' values.
 
 Measured per step: the objective's metrics, ``grad_norm``, and ``kl_ref``, a k1 estimate of
 KL(pi || pi_base) per token: one fresh sample per step prompt from the current policy (before the
@@ -66,7 +84,7 @@ from xxpo.train.evaluate import SUBSET_SEED, evaluate
 from xxpo.train.loop import CHECKPOINT, RunResult, load_start
 
 MINING_CHUNK = 256
-"""Prompts sampled per batch while mining DPO pairs from the base model."""
+"""Most prompts sampled per batch while mining DPO pairs from the base model."""
 LOGPROB_CHUNK = 512
 """Rows per no-grad forward when scoring the pairs under the reference."""
 
@@ -85,14 +103,15 @@ def encode_responses(tokenizer, texts: list[str]) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
-def sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0) -> torch.Tensor:
+def sequence_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature: float = 1.0):
     """log pi(y | x) = sum of the response's token log-probs, ``(B,)`` (differentiable)."""
     logp = token_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, temperature)  # (B, T)
     return masked_sum(logp, response_mask, dim=-1)  # (B,)
 
 
 def sampled_pairs(model, tokenizer, task: Task, examples: list[Example], *, num_samples: int, max_new_tokens: int,
-                  temperature: float, top_p: float, generator: torch.Generator, rng: random.Random) -> list[tuple[str, str, str]]:
+                  temperature: float, top_p: float, generator: torch.Generator,
+                  rng: random.Random) -> list[tuple[str, str, str]]:
     """``(prompt, chosen, rejected)`` from ``num_samples`` samples of ``model`` per example, labelled by the verifier.
 
     Examples whose samples are all correct or all incorrect give no pair.
@@ -114,7 +133,8 @@ def group_win_rates(task: Task, examples: list[Example], texts: list[str], group
     The mean runs over the whole group, y_k included (it ties with itself, 1/2), as the authors' code does.
     """
     if len(texts) != len(examples) * group_size:
-        raise ValueError(f"texts must hold {group_size} samples per example ({len(examples) * group_size}), got {len(texts)}")
+        raise ValueError(f"texts must hold {group_size} samples per example, {len(examples) * group_size} in all, "
+                         f"got {len(texts)}")
     rates = []
     for i, example in enumerate(examples):
         group = texts[i * group_size : (i + 1) * group_size]
@@ -129,14 +149,15 @@ def held_out(task: Task, n: int) -> list[Example]:
 
 
 @torch.no_grad()
-def greedy_responses(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 256) -> list[str]:
+def greedy_responses(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 256):
     """The greedy response text of ``model`` to each example."""
     device = next(model.parameters()).device
     texts: list[str] = []
     for start in range(0, len(examples), batch_size):
         prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples[start : start + batch_size]])
-        rollout = sample(model, prompt_ids.to(device), prompt_mask.to(device), num_samples=1, max_new_tokens=max_new_tokens,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, greedy=True)
+        rollout = sample(model, prompt_ids.to(device), prompt_mask.to(device), num_samples=1,
+                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, greedy=True)
         texts.extend(decode_responses(tokenizer, rollout))
     return texts
 
@@ -177,6 +198,9 @@ class PreferenceTrainer:
         self.data_info: dict = {}
         if config.method in ("dpo", "ipo"):
             self.pairs = self.mine_pairs()
+            n, shuffle_gen = len(self.pairs["ref_chosen"]), torch.Generator().manual_seed(config.seed)
+            passes = math.ceil(config.steps * config.prompts_per_step / n)
+            self.order = torch.cat([torch.randperm(n, generator=shuffle_gen) for _ in range(passes)])  # pass by pass
 
     # -------------------------------------------------------------- data
     def mine_pairs(self) -> dict[str, torch.Tensor]:
@@ -187,7 +211,8 @@ class PreferenceTrainer:
         pair_rng = random.Random(c.seed)
         pairs, used = [], 0
         while len(pairs) < target and used < len(order):
-            examples = [self.train_examples[i] for i in order[used : used + MINING_CHUNK]]
+            chunk = min(MINING_CHUNK, 2 * (target - len(pairs)))  # about half the prompts give a pair at 30 % accuracy
+            examples = [self.train_examples[i] for i in order[used : used + chunk]]
             used += len(examples)
             pairs += sampled_pairs(self.base, self.tokenizer, self.task, examples, num_samples=c.group_size,
                                    max_new_tokens=self.max_new_tokens, temperature=c.temperature, top_p=c.top_p,
@@ -207,15 +232,13 @@ class PreferenceTrainer:
         data = {k: v.to(self.device) for k, v in data.items()}
         with torch.no_grad():
             for side in ("chosen", "rejected"):
-                data[f"ref_{side}"] = torch.cat([
-                    sequence_logprobs(self.base, data["prompt_ids"][i : i + LOGPROB_CHUNK], data["prompt_mask"][i : i + LOGPROB_CHUNK],
-                                      data[f"{side}_ids"][i : i + LOGPROB_CHUNK], data[f"{side}_mask"][i : i + LOGPROB_CHUNK],
-                                      c.temperature)
-                    for i in range(0, n, LOGPROB_CHUNK)
-                ])  # (N,)
-        passes = math.ceil(c.steps * c.prompts_per_step / n) + 1
-        shuffle_gen = torch.Generator().manual_seed(c.seed)
-        self.order = torch.cat([torch.randperm(n, generator=shuffle_gen) for _ in range(passes)]).to(self.device)  # epoch by epoch
+                parts = []
+                for i in range(0, n, LOGPROB_CHUNK):
+                    rows = slice(i, i + LOGPROB_CHUNK)
+                    parts.append(sequence_logprobs(self.base, data["prompt_ids"][rows], data["prompt_mask"][rows],
+                                                   data[f"{side}_ids"][rows], data[f"{side}_mask"][rows],
+                                                   c.temperature))
+                data[f"ref_{side}"] = torch.cat(parts)  # (N,)
         self.data_info = {"source": "base model samples, verifier-labelled", "pairs": n, "prompts_sampled": used,
                           "pair_yield": n / used, "seconds": time.perf_counter() - t0}
         return data
@@ -245,7 +268,7 @@ class PreferenceTrainer:
 
     def dpo_step(self, step: int) -> dict:
         c, data = self.config, self.pairs
-        idx = self.order[step * c.prompts_per_step : (step + 1) * c.prompts_per_step]  # (b,)
+        idx = self.order[step * c.prompts_per_step : (step + 1) * c.prompts_per_step].to(self.device)  # (b,)
         row: dict = {"epoch": step * c.prompts_per_step / len(data["ref_chosen"])}
         t0 = time.perf_counter()
         row["kl_ref"] = self.kl_to(data["prompt_ids"][idx], data["prompt_mask"][idx], {"base": self.base})["base"]
@@ -279,9 +302,10 @@ class PreferenceTrainer:
         if self.anchor is None or iteration * c.steps // c.iterations == step:
             self.anchor = copy.deepcopy(self.policy).eval().requires_grad_(False)  # pi_t
         row: dict = {"iteration": iteration}
-        examples = [self.train_examples[i] for i in self.prompt_rng.sample(range(len(self.train_examples)), c.prompts_per_step)]
-
-        prompt_ids, prompt_mask = (x.to(self.device) for x in encode_prompts(self.tokenizer, [ex.prompt for ex in examples]))
+        picks = self.prompt_rng.sample(range(len(self.train_examples)), c.prompts_per_step)
+        examples = [self.train_examples[i] for i in picks]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])  # (n, P)
+        prompt_ids, prompt_mask = prompt_ids.to(self.device), prompt_mask.to(self.device)
 
         t0 = time.perf_counter()
         kl = self.kl_to(prompt_ids, prompt_mask, {"ref": self.base, "iter": self.anchor})
@@ -296,14 +320,16 @@ class PreferenceTrainer:
         texts = decode_responses(self.tokenizer, rollout)
         win = group_win_rates(self.task, examples, texts, c.group_size).to(self.device)  # (B,)
         groups = [examples[i] for i in rollout.prompt_index.tolist()]
-        correct = torch.tensor([float(self.task.is_correct(ex, y)) for ex, y in zip(groups, texts)])  # (B,)
-        row.update(train_accuracy=float(correct.mean()), response_length=float(rollout.lengths.float().mean()),
-                   win_prob_correct=float(win[correct.bool()].mean()) if bool(correct.any()) else math.nan,
-                   win_prob_incorrect=float(win[~correct.bool()].mean()) if bool((~correct.bool()).any()) else math.nan)
+        correct = torch.tensor([self.task.is_correct(ex, y) for ex, y in zip(groups, texts)])  # (B,) bool
+        correct = correct.to(self.device)
+        row.update(train_accuracy=float(correct.float().mean()), response_length=float(rollout.lengths.float().mean()),
+                   win_prob_correct=float(win[correct].mean()) if bool(correct.any()) else math.nan,
+                   win_prob_incorrect=float(win[~correct].mean()) if bool((~correct).any()) else math.nan)
 
         t0 = time.perf_counter()
         ref_seq = masked_sum(rollout.behav_logp, rollout.response_mask, dim=-1)  # (B,) log pi_t(y|x), as sampled
-        logp_seq = masked_sum(response_logprobs(self.policy, rollout, c.temperature), rollout.response_mask, dim=-1)  # (B,)
+        logp = response_logprobs(self.policy, rollout, c.temperature)  # (B, T)
+        logp_seq = masked_sum(logp, rollout.response_mask, dim=-1)  # (B,)
         out = objectives.sppo_selfplay_loss(logp_seq, ref_seq, win, eta=c.eta)
         row["grad_norm"] = self.optimize(out.loss)
         row["time_update"] = time.perf_counter() - t0
@@ -314,11 +340,13 @@ class PreferenceTrainer:
     def evaluate(self) -> dict:
         self.policy.eval()
         try:
-            scores = evaluate(self.policy, self.tokenizer, self.task, n=len(self.eval_examples), max_new_tokens=self.max_new_tokens)
+            scores = evaluate(self.policy, self.tokenizer, self.task, n=len(self.eval_examples),
+                              max_new_tokens=self.max_new_tokens)
             mine = greedy_responses(self.policy, self.tokenizer, self.eval_examples, self.max_new_tokens)
         finally:
             self.policy.train()
-        wins = [preference_prob(self.task, ex, y, y_base) for ex, y, y_base in zip(self.eval_examples, mine, self.base_greedy)]
+        wins = [preference_prob(self.task, ex, y, y_base)
+                for ex, y, y_base in zip(self.eval_examples, mine, self.base_greedy)]
         return {**scores, "win_rate": sum(wins) / len(wins)}
 
     def state(self, step: int) -> dict:
@@ -379,6 +407,13 @@ class PreferenceTrainer:
                 self.callback(step, row)
         metrics = pd.DataFrame(self.rows)
         final = metrics.dropna(subset=["eval_accuracy"])
+        if c.method == "sppo_selfplay":
+            bounds = [t * c.steps // c.iterations for t in range(c.iterations + 1)]
+            batch = {"prompts": c.prompts_per_step, "group_size": c.group_size}
+            data = {"iterations": c.iterations, "steps_per_iteration": [b - a for a, b in zip(bounds, bounds[1:])]}
+        else:
+            batch, data = {"pairs": c.prompts_per_step}, self.data_info
+        base_keys = ("path", "config_hash", "eval_accuracy", "sft")
         summary = {
             "method": c.method,
             "task": c.task,
@@ -388,12 +423,9 @@ class PreferenceTrainer:
             "final_win_rate_vs_base": float(final["eval_win_rate"].iloc[-1]) if len(final) else None,
             "seconds_per_step": float(metrics["time_step"].median()) if "time_step" in metrics else None,
             "wall_seconds_this_call": time.perf_counter() - started,
-            "effective_batch": {"prompts": c.prompts_per_step, "group_size": c.group_size}
-            if c.method == "sppo_selfplay" else {"pairs": c.prompts_per_step},
-            "data": self.data_info if c.method != "sppo_selfplay" else
-            {"iterations": c.iterations, "steps_per_iteration": [(t + 1) * c.steps // c.iterations - t * c.steps // c.iterations
-                                                                 for t in range(c.iterations)]},
-            "base_model": {k: v for k, v in self.base_info.items() if k in ("path", "config_hash", "eval_accuracy", "sft")},
+            "effective_batch": batch,
+            "data": data,
+            "base_model": {k: v for k, v in self.base_info.items() if k in base_keys},
             "config": c.to_dict(),
             "environment": environment_snapshot(),
         }

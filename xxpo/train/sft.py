@@ -190,8 +190,9 @@ class BaseModel:
 
     ``info`` keys: ``task``, ``model_config``, ``sft`` (hyper-parameters), ``seed``, ``sft_code_version``,
     ``config_hash``, ``eval`` (the :func:`evaluate` dict), ``eval_accuracy``, ``sft_seconds``,
-    ``sft_steps_taken``, ``val_accuracy`` (the :class:`SFTLog` curve), ``final_loss``, ``created_at`` (Unix time), ``versions`` (torch, transformers), ``path``, and
-    ``from_cache`` (False when this call trained it).
+    ``sft_steps_taken``, ``val_accuracy`` (the :class:`SFTLog` curve), ``final_loss``, ``created_at``
+    (Unix time), ``versions`` (torch, transformers), ``path``, and ``from_cache`` (False when this call
+    trained it).
     """
 
     model: torch.nn.Module
@@ -226,8 +227,9 @@ def base_model(
 
     ``model`` is a :data:`xxpo.models.MODEL_PRESETS` name or a :class:`ModelConfig`. Training stops
     when the validation accuracy reaches ``target_accuracy`` (``None``: never) or after ``sft_steps``
-    steps (default: :data:`DEFAULT_SFT_STEPS` for the task), see :func:`sft_train`. ``info["eval_accuracy"]`` is the greedy accuracy
-    on the test split (a fixed subset of ``eval_n`` examples if given). The weights live in
+    steps (default: :data:`DEFAULT_SFT_STEPS` for the task), see :func:`sft_train`.
+    ``info["eval_accuracy"]`` is the greedy accuracy on the test split (a fixed subset of ``eval_n``
+    examples if given). The weights live in
     ``cache_dir/<config_hash>/`` (Hugging Face format plus ``info.json``); the hash covers the task,
     model config, SFT hyper-parameters, seed, tokenizer vocabulary and :data:`SFT_CODE_VERSION`.
     The directory is written under a temporary name and renamed when complete, so an interrupted
@@ -299,11 +301,13 @@ def base_model(
         "created_at": time.time(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+    text = json.dumps(info, indent=2, sort_keys=True)
+    info = json.loads(text)  # the same types a later load returns (tuples become lists)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{digest}-", dir=root))
     try:
         save_model(net, tokenizer, tmp)
-        (tmp / "info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+        (tmp / "info.json").write_text(text)
         os.rename(tmp, path)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
