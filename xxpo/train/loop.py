@@ -28,6 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
 from xxpo import objectives
@@ -208,7 +209,9 @@ class Trainer:
             per_token = (old_full.exp() * (old_full - new_full)).sum(-1)  # (B, T) exact KL(old || new)
             return masked_mean(per_token, m)
 
-        out = objectives.trpo_step(params, surrogate, kl, max_kl=c.max_kl)
+        # Hessian-vector products need a double backward, which only the math SDPA kernel implements on CPU.
+        with sdpa_kernel(SDPBackend.MATH):
+            out = objectives.trpo_step(params, surrogate, kl, max_kl=c.max_kl)
         return {k: float(v) for k, v in out.metrics.items()}
 
     def step(self, step: int) -> dict:
