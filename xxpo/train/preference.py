@@ -71,6 +71,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from xxpo import objectives
 from xxpo.functional import masked_mean, masked_sum
@@ -80,7 +81,7 @@ from xxpo.rollout import decode_responses, response_logprobs, sample, token_logp
 from xxpo.tasks import encode_prompts, get_task, preference_pairs, preference_prob
 from xxpo.tasks.base import Example, Task
 from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
-from xxpo.train.evaluate import SUBSET_SEED, evaluate
+from xxpo.train.evaluate import fixed_subset, greedy_decode, score_responses
 from xxpo.train.loop import CHECKPOINT, RunResult, load_start
 
 MINING_CHUNK = 256
@@ -142,26 +143,6 @@ def group_win_rates(task: Task, examples: list[Example], texts: list[str], group
     return torch.tensor(rates, dtype=torch.float32)  # (B,)
 
 
-def held_out(task: Task, n: int) -> list[Example]:
-    """The fixed test subset :func:`xxpo.train.evaluate.evaluate` scores for the same ``n``."""
-    examples = task.split("test")
-    return [examples[i] for i in sorted(random.Random(SUBSET_SEED).sample(range(len(examples)), n))]
-
-
-@torch.no_grad()
-def greedy_responses(model, tokenizer, examples: list[Example], max_new_tokens: int, batch_size: int = 256):
-    """The greedy response text of ``model`` to each example."""
-    device = next(model.parameters()).device
-    texts: list[str] = []
-    for start in range(0, len(examples), batch_size):
-        prompt_ids, prompt_mask = encode_prompts(tokenizer, [ex.prompt for ex in examples[start : start + batch_size]])
-        rollout = sample(model, prompt_ids.to(device), prompt_mask.to(device), num_samples=1,
-                         max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, greedy=True)
-        texts.extend(decode_responses(tokenizer, rollout))
-    return texts
-
-
 # --------------------------------------------------------------------------------------------------
 # The trainer
 # --------------------------------------------------------------------------------------------------
@@ -189,8 +170,8 @@ class PreferenceTrainer:
         self.kl_gen = torch.Generator().manual_seed(config.seed + 1)
         self.prompt_rng = random.Random(config.seed)
         self.train_examples = self.task.split("train")
-        self.eval_examples = held_out(self.task, min(config.eval_n, len(self.task.split("test"))))
-        self.base_greedy = greedy_responses(self.base, self.tokenizer, self.eval_examples, self.max_new_tokens)
+        self.eval_examples = fixed_subset(self.task, min(config.eval_n, len(self.task.split("test"))))
+        self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples, max_new_tokens=self.max_new_tokens)
         self.rows: list[dict] = []
         self.start_step = 0
         self.base_eval: dict | None = None
@@ -339,12 +320,11 @@ class PreferenceTrainer:
     # -------------------------------------------------------------- the run
     def evaluate(self) -> dict:
         self.policy.eval()
-        try:
-            scores = evaluate(self.policy, self.tokenizer, self.task, n=len(self.eval_examples),
-                              max_new_tokens=self.max_new_tokens)
-            mine = greedy_responses(self.policy, self.tokenizer, self.eval_examples, self.max_new_tokens)
+        try:  # one greedy decode serves both the accuracy and the win rate
+            mine, lengths = greedy_decode(self.policy, self.tokenizer, self.eval_examples, max_new_tokens=self.max_new_tokens)
         finally:
             self.policy.train()
+        scores = score_responses(self.task, self.eval_examples, mine, lengths)
         wins = [preference_prob(self.task, ex, y, y_base)
                 for ex, y, y_base in zip(self.eval_examples, mine, self.base_greedy)]
         return {**scores, "win_rate": sum(wins) / len(wins)}
@@ -384,8 +364,6 @@ class PreferenceTrainer:
         started = time.perf_counter()
         if self.base_eval is None:
             self.base_eval = self.evaluate()
-        from tqdm.auto import tqdm
-
         step_fn = self.sppo_step if c.method == "sppo_selfplay" else self.dpo_step
         bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
                    initial=self.start_step, total=c.steps)
