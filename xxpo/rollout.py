@@ -6,11 +6,12 @@ token (``behav_logp``, the pi_old / pi_behav of the papers) and the policy versi
 
 Three pieces:
 
-1. :func:`sample` -- a hand-written decoding loop: one prefill forward over the left-padded prompts,
-   then one single-token forward per step that reuses the key/value cache. Temperature, top-p
-   (nucleus, Holtzman et al. 2019, arXiv 1904.09751) and greedy decoding; each row stops at its own EOS.
-2. :func:`response_logprobs` -- the differentiable forward used in training: one pass over
-   prompt + response that recomputes the same log-probs (equal to ``behav_logp`` to float precision
+1. :func:`sample` -- a hand-written decoding loop: one prefill forward over the distinct left-padded
+   prompts (shared by their G samples), then one single-token forward per step that reuses the
+   key/value cache. Temperature, top-p (nucleus, Holtzman et al. 2019, arXiv 1904.09751) and greedy
+   decoding; each row stops at its own EOS.
+2. :func:`response_logprobs` -- the differentiable forward used in training: a pass over prompt +
+   response (the prompt once per group) that recomputes the same log-probs (equal to ``behav_logp`` to float precision
    when the weights did not change, because both build position ids the same way).
 3. :class:`LaggedPolicy` -- bounded staleness for simulated asynchronous RL (AReaL, arXiv 2505.24298,
    Sec. 4.1): rollouts come from weights up to ``eta`` versions older than the learner's.
@@ -189,20 +190,19 @@ def sample(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     device = next(model.parameters()).device
-    prompt_ids = prompt_ids.to(device).repeat_interleave(num_samples, dim=0)  # (B, P)
-    prompt_mask = prompt_mask.to(device).long().repeat_interleave(num_samples, dim=0)  # (B, P)
-    n_prompts = prompt_ids.shape[0] // num_samples
-    prompt_index = torch.arange(n_prompts, device=device).repeat_interleave(num_samples)  # (B,)
-
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()  # (N, P)
     was_training = model.training
     model.eval()
     try:
         response_ids, logps = _decode(
-            model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id,
+            model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id,
             temperature, top_p, generator, greedy,
         )
     finally:
         model.train(was_training)
+    prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # (B, P)
+    prompt_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # (B, P)
+    prompt_index = torch.arange(prompt_ids.shape[0] // num_samples, device=device).repeat_interleave(num_samples)  # (B,)
 
     # A token is real if no EOS came strictly before it: 1 up to and including the first EOS.
     is_eos = (response_ids == eos_token_id).long()  # (B, T)
@@ -222,27 +222,35 @@ def sample(
 
 
 def _decode(
-    model, prompt_ids, prompt_mask, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p, generator, greedy
+    model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
+    generator, greedy,
 ):
-    """The decoding loop of :func:`sample`: returns response ids ``(B, T)`` and their log-probs ``(B, T)``."""
-    b = prompt_ids.shape[0]
+    """The decoding loop of :func:`sample`: returns response ids ``(B, T)`` and their log-probs ``(B, T)``.
+
+    The prefill runs once per distinct prompt ``(N, P)``; its key/value cache, last logits, mask and
+    positions are then repeated ``num_samples`` times, so the G samples of a prompt share one prefill.
+    """
     cache = DynamicCache(config=model.config)
-    attention_mask = prompt_mask  # (B, P+t), grows by one column per step
-    positions = position_ids_from_mask(prompt_mask)  # (B, P)
+    positions = position_ids_from_mask(prompt_mask)  # (N, P)
     out = model(
         input_ids=prompt_ids,
-        attention_mask=attention_mask,
+        attention_mask=prompt_mask,
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
         logits_to_keep=1,
     )
+    cache.batch_repeat_interleave(num_samples)  # (B, heads, P, d) per layer
+    logits = out.logits[:, -1].repeat_interleave(num_samples, dim=0)  # (B, V)
+    attention_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # (B, P+t), grows by one column per step
+    positions = positions.repeat_interleave(num_samples, dim=0)  # (B, P)
+    b = attention_mask.shape[0]
     next_position = positions[:, -1:] + 1  # (B, 1)
 
     tokens, logps = [], []
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # (B,)
     for step in range(max_new_tokens):
-        logits = out.logits[:, -1].float() / temperature  # (B, V)
+        logits = logits.float() / temperature  # (B, V)
         if greedy:
             token = logits.argmax(-1)  # (B,)
         else:
@@ -263,8 +271,37 @@ def _decode(
             past_key_values=cache,
             use_cache=True,
         )
+        logits = out.logits[:, -1]  # (B, V)
         next_position = next_position + 1
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T)
+
+
+def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """The logits that predict each response token, ``(B, T, V)`` in the model's dtype.
+
+    Rows that share a prompt (the G samples of a group) share its forward: the K distinct prompts run
+    once ``(K, P)`` into a key/value cache, the cache is gathered back to the B rows (indexing is
+    differentiable, so gradients from every row reach the shared prompt pass), and only the responses
+    ``(B, T)`` run on top. The prompt pass's last logit predicts response token 0. With no repeated
+    prompt this is one ordinary forward over prompt + response. Both give the same log-probs up to
+    float rounding.
+    """
+    p, t = prompt_ids.shape[1], response_ids.shape[1]
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P+T)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
+    distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    if distinct.shape[0] == prompt_ids.shape[0]:
+        out = model(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False, logits_to_keep=t + 1)
+        return out.logits[:, :-1]  # the logit at column P-1+j predicts response token j
+    cache = DynamicCache(config=model.config)
+    prompt_out = model(input_ids=distinct[:, :p], attention_mask=distinct[:, p:],
+                       position_ids=position_ids_from_mask(distinct[:, p:]), past_key_values=cache,
+                       use_cache=True, logits_to_keep=1)  # (K, 1, V)
+    cache.batch_select_indices(row_prompt)  # (B, heads, P, d) per layer
+    out = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=position_ids[:, p:],
+                past_key_values=cache, use_cache=True)  # (B, T, V)
+    return torch.cat([prompt_out.logits[row_prompt], out.logits[:, :-1]], dim=1)  # (B, T, V)
 
 
 def token_logprobs(
@@ -278,8 +315,9 @@ def token_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token | prefix) under softmax(logits / temperature), ``(B, T)`` float32, 0 on padding.
 
-    One differentiable forward over LEFT-padded prompts ``(B, P)`` followed by RIGHT-padded responses
-    ``(B, T)``, with the position ids :func:`sample` uses. With ``with_entropy=True`` also returns the
+    A differentiable forward over LEFT-padded prompts ``(B, P)`` followed by RIGHT-padded responses
+    ``(B, T)``, with the position ids :func:`sample` uses (see :func:`_response_logits` for how rows
+    that share a prompt share its forward). With ``with_entropy=True`` also returns the
     entropy of the tempered distribution at each response position, ``(B, T)``.
     """
     _check_prompts(prompt_ids, prompt_mask)
@@ -291,17 +329,8 @@ def token_logprobs(
         )
     check_mask("response_mask", response_mask, response_ids.shape)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
-    t = response_ids.shape[1]
-    attention_mask = torch.cat([prompt_mask.long(), response_mask.long()], dim=1)  # (B, P+T)
-    out = model(
-        input_ids=torch.cat([prompt_ids, response_ids], dim=1),  # (B, P+T)
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
-        logits_to_keep=t + 1,
-    )
-    # The logit at column P-1+j predicts response token j; the last column predicts nothing.
-    logits = out.logits[:, :-1].float() / temperature  # (B, T, V)
+    logits = _response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long())
+    logits = logits.float() / temperature  # (B, T, V)
     padding = response_mask == 0  # (B, T)
     logp = selective_log_softmax(logits, response_ids).masked_fill(padding, 0.0)  # (B, T)
     if not with_entropy:

@@ -219,6 +219,31 @@ def test_response_logprobs_is_differentiable_and_returns_entropy(dense, tok, pro
     assert (entropy[r.response_mask == 0] == 0).all()
 
 
+def test_rows_sharing_a_prompt_share_its_forward_with_the_same_gradients(dense, tok, prompts):
+    """The G rows of a prompt run the prompt once; values and gradients equal row-by-row unpadded forwards."""
+    r = run(dense, tok, prompts, generator=torch.Generator().manual_seed(3))  # 3 prompts x 4 samples
+    batch_sizes = []
+    hook = dense.model.embed_tokens.register_forward_hook(lambda m, i, o: batch_sizes.append(o.shape[0]))
+    try:
+        weights = torch.randn(r.response_ids.shape, generator=torch.Generator().manual_seed(0))  # (B, T)
+        (response_logprobs(dense, r) * weights).sum().backward()
+    finally:
+        hook.remove()
+    assert batch_sizes == [3, 12]  # the prompt pass over the 3 distinct prompts, then the 12 responses
+    shared = {n: p.grad.clone() for n, p in dense.named_parameters()}
+    dense.zero_grad(set_to_none=True)
+    total = 0.0
+    for i in range(len(r)):
+        prompt = r.prompt_ids[i][r.prompt_mask[i].bool()]
+        n = int(r.lengths[i])
+        logits = dense(input_ids=torch.cat([prompt, r.response_ids[i, :n]])[None]).logits[0, len(prompt) - 1 :][:n]
+        total = total + (logits.log_softmax(-1).gather(-1, r.response_ids[i, :n, None]).squeeze(-1) * weights[i, :n]).sum()
+    total.backward()
+    for name, param in dense.named_parameters():
+        torch.testing.assert_close(shared[name], param.grad, atol=1e-5, rtol=1e-4, msg=name)
+    dense.zero_grad(set_to_none=True)
+
+
 def test_decode_responses_drops_padding_and_special_tokens(dense, tok, prompts):
     r = run(LogitBias(dense, tok.eos_token_id, 2.0), tok, prompts, generator=torch.Generator().manual_seed(0))
     texts = decode_responses(tok, r)

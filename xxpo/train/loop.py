@@ -13,23 +13,20 @@
 
 Methods differ only in data: which objective, which advantage estimator, whether there is a critic,
 a reference, stale data. TRPO replaces the optimizer step with ``trpo_step``. Everything a step
-measures is one row of the metrics DataFrame.
+measures is one row of the metrics DataFrame; what surrounds the step (resume, evaluation cadence,
+checkpoints, result files) is :class:`xxpo.train.run.Run`, shared with the preference trainer.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm import tqdm
 
 from xxpo import objectives
 from xxpo.functional import (
@@ -42,39 +39,12 @@ from xxpo.functional import (
     sequence_value_advantages,
     token_rewards_from_outcome,
 )
-from xxpo.models import PromptValueModel, ValueModel, load_model, position_ids_from_mask, resolve_device, routing_decisions
-from xxpo.results import atomic_torch_save, environment_snapshot, write_run
+from xxpo.models import PromptValueModel, ValueModel, position_ids_from_mask, resolve_device, routing_decisions
 from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logprobs, token_logprobs
 from xxpo.tasks import encode_prompts, get_task
 from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
 from xxpo.train.evaluate import evaluate
-from xxpo.train.sft import base_model
-
-CHECKPOINT = "checkpoint.pt"
-
-
-@dataclass
-class RunResult:
-    """What a training run returns: the per-step metrics, a summary, and the trained policy."""
-
-    metrics: pd.DataFrame
-    summary: dict
-    model: torch.nn.Module = field(repr=False)
-    tokenizer: object = field(repr=False)
-
-
-def load_start(config: TrainConfig, device: torch.device):
-    """(policy to train, frozen reference, tokenizer, base info): the cached SFT model, or a local directory."""
-    if os.path.isdir(config.model):
-        model, tokenizer = load_model(config.model, device=str(device))
-        info = {"path": config.model, "eval_accuracy": None}
-    else:
-        base = base_model(config.task, config.model, seed=config.base_seed, sft_steps=config.sft_steps, device=str(device))
-        model, tokenizer, info = base.model, base.tokenizer, base.info
-    reference = copy.deepcopy(model).eval().requires_grad_(False)
-    policy = model.train().requires_grad_(True)
-    return policy, reference, tokenizer, info
-
+from xxpo.train.run import Run, RunResult, load_start
 
 def full_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     """log softmax over the whole vocabulary at every response position, (B, T, V) (TRPO's exact KL)."""
@@ -94,14 +64,15 @@ def routing_change(model, rollout: Rollout, before: torch.Tensor) -> float:
     return float(changed[mask].float().mean()) if bool(mask.any()) else 0.0
 
 
-class Trainer:
+class Trainer(Run):
     """Holds the state of one run; ``run()`` executes it. Use :func:`train` unless you need the parts."""
+
+    stateful = ("policy", "optimizer", "critic", "critic_optimizer")
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, callback=None):
         if config.method in PREFERENCE_METHODS:
             raise ValueError(f"method {config.method!r} is a preference method: use xxpo.train.train_preference")
-        self.config, self.callback = config, callback
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        super().__init__(config, out_dir, callback)
         self.device = resolve_device(config.device)
         self.task = get_task(config.task)
         self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
@@ -124,11 +95,9 @@ class Trainer:
         self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
         self.lag_gen = torch.Generator().manual_seed(config.seed + 2)
         self.prompt_rng = random.Random(config.seed)
+        self.generators = (self.sample_gen, self.shuffle_gen, self.lag_gen)
         self.lagged = LaggedPolicy(self.policy, eta=config.staleness, mode=config.staleness_mode, generator=self.lag_gen)
         self.train_examples = self.task.split("train")
-        self.rows: list[dict] = []
-        self.start_step = 0
-        self.base_eval: dict | None = None
 
     # -------------------------------------------------------------- one step
     def advantages(self, rollout: Rollout, rewards: torch.Tensor):
@@ -191,7 +160,7 @@ class Trainer:
         if c.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), c.grad_clip)
         self.critic_optimizer.step()
-        return {"critic_loss": float(out.loss), **{f"critic_{k}": float(v) for k, v in out.metrics.items()}}
+        return {"critic_loss": float(out.loss.detach()), **{f"critic_{k}": float(v) for k, v in out.metrics.items()}}
 
     def trpo_update(self, rollout: Rollout, adv) -> dict:
         c, m = self.config, rollout.response_mask
@@ -320,83 +289,21 @@ class Trainer:
         finally:
             self.policy.train()
 
-    def state(self, step: int) -> dict:
-        return {
-            "step": step,
-            "policy": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
-            "critic": self.critic.state_dict() if self.critic else None,
-            "critic_optimizer": self.critic_optimizer.state_dict() if self.critic_optimizer else None,
-            "snapshots": self.lagged.snapshots,
-            "generators": [g.get_state() for g in (self.sample_gen, self.shuffle_gen, self.lag_gen)],
-            "prompt_rng": self.prompt_rng.getstate(),
-            "rows": self.rows,
-            "base_eval": self.base_eval,
-            "config": self.config.to_dict(),
-        }
+    def eval_columns(self, scores: dict) -> dict:
+        return {"eval_accuracy": scores["accuracy"], "eval_length": scores["mean_length"],
+                "eval_length_correct": scores["mean_length_correct"],
+                "eval_length_incorrect": scores["mean_length_incorrect"]}
 
-    def restore(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != self.config.to_dict():
-            raise ValueError(f"checkpoint {path} was written by a different config; refusing to resume")
-        self.policy.load_state_dict(state["policy"])
-        if self.optimizer:
-            self.optimizer.load_state_dict(state["optimizer"])
-        if self.critic:
-            self.critic.load_state_dict(state["critic"])
-            self.critic_optimizer.load_state_dict(state["critic_optimizer"])
+    def extra_state(self) -> dict:
+        return {"snapshots": self.lagged.snapshots}
+
+    def load_extra_state(self, state: dict) -> None:
         self.lagged.snapshots, self.lagged.loaded_version = state["snapshots"], None
-        for g, s in zip((self.sample_gen, self.shuffle_gen, self.lag_gen), state["generators"]):
-            g.set_state(s)
-        self.prompt_rng.setstate(state["prompt_rng"])
-        self.rows, self.base_eval, self.start_step = state["rows"], state["base_eval"], state["step"] + 1
 
-    def run(self, resume: bool = False) -> RunResult:
+    def summary_extra(self, metrics: pd.DataFrame) -> dict:
         c = self.config
-        ckpt = self.out_dir / CHECKPOINT if self.out_dir is not None else None
-        if resume and ckpt is not None and ckpt.is_file():
-            self.restore(ckpt)
-        started = time.perf_counter()
-        if self.base_eval is None:
-            self.base_eval = self.evaluate()
-        bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
-                   initial=self.start_step, total=c.steps)
-        for step in bar:
-            t0 = time.perf_counter()
-            row = self.step(step)
-            row["eval_accuracy"] = math.nan
-            if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
-                t_eval = time.perf_counter()
-                scores = self.evaluate()
-                row.update(eval_accuracy=scores["accuracy"], eval_length=scores["mean_length"],
-                           eval_length_correct=scores["mean_length_correct"],
-                           eval_length_incorrect=scores["mean_length_incorrect"], time_eval=time.perf_counter() - t_eval)
-            row["time_step"] = time.perf_counter() - t0
-            self.rows.append(row)
-            bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['eval_accuracy']:.2f}")
-            if ckpt is not None and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
-                atomic_torch_save(self.state(step), ckpt)
-            if self.callback is not None:
-                self.callback(step, row)
-        metrics = pd.DataFrame(self.rows)
-        final = metrics["eval_accuracy"].dropna()
-        summary = {
-            "method": c.method,
-            "task": c.task,
-            "seed": c.seed,
-            "base_eval_accuracy": self.base_eval["accuracy"],
-            "final_eval_accuracy": float(final.iloc[-1]) if len(final) else None,
-            "seconds_per_step": float(metrics["time_step"].median()) if "time_step" in metrics else None,
-            "wall_seconds_this_call": time.perf_counter() - started,
-            "effective_batch": {"prompts": c.prompts_per_step, "group_size": c.group_size,
-                                "minibatches": c.minibatches, "epochs": c.epochs},
-            "base_model": {k: v for k, v in self.base_info.items() if k in ("path", "config_hash", "eval_accuracy", "sft")},
-            "config": c.to_dict(),
-            "environment": environment_snapshot(),
-        }
-        if self.out_dir is not None:
-            write_run(self.out_dir, metrics, summary)
-        return RunResult(metrics, summary, self.policy, self.tokenizer)
+        return {"effective_batch": {"prompts": c.prompts_per_step, "group_size": c.group_size,
+                                    "minibatches": c.minibatches, "epochs": c.epochs}}
 
 
 def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False, callback=None) -> RunResult:

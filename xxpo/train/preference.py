@@ -67,22 +67,19 @@ import math
 import os
 import random
 import time
-from pathlib import Path
 
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from xxpo import objectives
 from xxpo.functional import masked_mean, masked_sum
 from xxpo.models import resolve_device
-from xxpo.results import atomic_torch_save, environment_snapshot, write_run
 from xxpo.rollout import decode_responses, response_logprobs, sample, token_logprobs
 from xxpo.tasks import encode_prompts, get_task, preference_pairs, preference_prob
 from xxpo.tasks.base import Example, Task
 from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
 from xxpo.train.evaluate import fixed_subset, greedy_decode, score_responses
-from xxpo.train.loop import CHECKPOINT, RunResult, load_start
+from xxpo.train.run import Run, RunResult, load_start
 
 MINING_CHUNK = 256
 """Most prompts sampled per batch while mining DPO pairs from the base model."""
@@ -148,8 +145,11 @@ def group_win_rates(task: Task, examples: list[Example], texts: list[str], group
 # --------------------------------------------------------------------------------------------------
 
 
-class PreferenceTrainer:
+class PreferenceTrainer(Run):
     """Holds the state of one preference run; ``run()`` executes it. Use :func:`train_preference`."""
+
+    stateful = ("policy", "optimizer")
+    postfix_key = "loss"
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, callback=None):
         if config.method not in PREFERENCE_METHODS:
@@ -158,8 +158,7 @@ class PreferenceTrainer:
         if config.method == "sppo_selfplay" and config.steps < config.iterations:
             raise ValueError(f"steps must be >= iterations for sppo_selfplay, got steps={config.steps}, "
                              f"iterations={config.iterations}")
-        self.config, self.callback = config, callback
-        self.out_dir = Path(out_dir) if out_dir is not None else None
+        super().__init__(config, out_dir, callback)
         self.device = resolve_device(config.device)
         self.task = get_task(config.task)
         self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
@@ -169,12 +168,10 @@ class PreferenceTrainer:
         self.sample_gen = torch.Generator().manual_seed(config.seed)
         self.kl_gen = torch.Generator().manual_seed(config.seed + 1)
         self.prompt_rng = random.Random(config.seed)
+        self.generators = (self.sample_gen, self.kl_gen)
         self.train_examples = self.task.split("train")
         self.eval_examples = fixed_subset(self.task, min(config.eval_n, len(self.task.split("test"))))
         self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples, max_new_tokens=self.max_new_tokens)
-        self.rows: list[dict] = []
-        self.start_step = 0
-        self.base_eval: dict | None = None
         self.anchor = None  # SPPO's pi_t
         self.data_info: dict = {}
         if config.method in ("dpo", "ipo"):
@@ -239,6 +236,9 @@ class PreferenceTrainer:
         return out
 
     # -------------------------------------------------------------- one step
+    def step(self, step: int) -> dict:
+        return self.sppo_step(step) if self.config.method == "sppo_selfplay" else self.dpo_step(step)
+
     def optimize(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -329,87 +329,29 @@ class PreferenceTrainer:
                 for ex, y, y_base in zip(self.eval_examples, mine, self.base_greedy)]
         return {**scores, "win_rate": sum(wins) / len(wins)}
 
-    def state(self, step: int) -> dict:
-        return {
-            "step": step,
-            "policy": self.policy.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "anchor": self.anchor.state_dict() if self.anchor is not None else None,
-            "generators": [g.get_state() for g in (self.sample_gen, self.kl_gen)],
-            "prompt_rng": self.prompt_rng.getstate(),
-            "rows": self.rows,
-            "base_eval": self.base_eval,
-            "config": self.config.to_dict(),
-        }
+    def eval_columns(self, scores: dict) -> dict:
+        return {"eval_accuracy": scores["accuracy"], "eval_win_rate": scores["win_rate"],
+                "eval_length": scores["mean_length"]}
 
-    def restore(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["config"] != self.config.to_dict():
-            raise ValueError(f"checkpoint {path} was written by a different config; refusing to resume")
-        self.policy.load_state_dict(state["policy"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def extra_state(self) -> dict:
+        return {"anchor": self.anchor.state_dict() if self.anchor is not None else None}
+
+    def load_extra_state(self, state: dict) -> None:
         if state["anchor"] is not None:
             self.anchor = copy.deepcopy(self.policy).eval().requires_grad_(False)
             self.anchor.load_state_dict(state["anchor"])
-        for g, s in zip((self.sample_gen, self.kl_gen), state["generators"]):
-            g.set_state(s)
-        self.prompt_rng.setstate(state["prompt_rng"])
-        self.rows, self.base_eval, self.start_step = state["rows"], state["base_eval"], state["step"] + 1
 
-    def run(self, resume: bool = False) -> RunResult:
+    def summary_extra(self, metrics: pd.DataFrame) -> dict:
         c = self.config
-        ckpt = self.out_dir / CHECKPOINT if self.out_dir is not None else None
-        if resume and ckpt is not None and ckpt.is_file():
-            self.restore(ckpt)
-        started = time.perf_counter()
-        if self.base_eval is None:
-            self.base_eval = self.evaluate()
-        step_fn = self.sppo_step if c.method == "sppo_selfplay" else self.dpo_step
-        bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
-                   initial=self.start_step, total=c.steps)
-        for step in bar:
-            t0 = time.perf_counter()
-            row = {"step": step, **step_fn(step)}
-            row.update(eval_accuracy=math.nan, eval_win_rate=math.nan)
-            if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
-                t_eval = time.perf_counter()
-                scores = self.evaluate()
-                row.update(eval_accuracy=scores["accuracy"], eval_win_rate=scores["win_rate"],
-                           eval_length=scores["mean_length"], time_eval=time.perf_counter() - t_eval)
-            row["time_step"] = time.perf_counter() - t0
-            self.rows.append(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['eval_accuracy']:.2f}")
-            if ckpt is not None and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
-                atomic_torch_save(self.state(step), ckpt)
-            if self.callback is not None:
-                self.callback(step, row)
-        metrics = pd.DataFrame(self.rows)
-        final = metrics.dropna(subset=["eval_accuracy"])
+        win = metrics["eval_win_rate"].dropna()
         if c.method == "sppo_selfplay":
             bounds = [t * c.steps // c.iterations for t in range(c.iterations + 1)]
             batch = {"prompts": c.prompts_per_step, "group_size": c.group_size}
             data = {"iterations": c.iterations, "steps_per_iteration": [b - a for a, b in zip(bounds, bounds[1:])]}
         else:
             batch, data = {"pairs": c.prompts_per_step}, self.data_info
-        base_keys = ("path", "config_hash", "eval_accuracy", "sft")
-        summary = {
-            "method": c.method,
-            "task": c.task,
-            "seed": c.seed,
-            "base_eval_accuracy": self.base_eval["accuracy"],
-            "final_eval_accuracy": float(final["eval_accuracy"].iloc[-1]) if len(final) else None,
-            "final_win_rate_vs_base": float(final["eval_win_rate"].iloc[-1]) if len(final) else None,
-            "seconds_per_step": float(metrics["time_step"].median()) if "time_step" in metrics else None,
-            "wall_seconds_this_call": time.perf_counter() - started,
-            "effective_batch": batch,
-            "data": data,
-            "base_model": {k: v for k, v in self.base_info.items() if k in base_keys},
-            "config": c.to_dict(),
-            "environment": environment_snapshot(),
-        }
-        if self.out_dir is not None:
-            write_run(self.out_dir, metrics, summary)
-        return RunResult(metrics, summary, self.policy, self.tokenizer)
+        return {"final_win_rate_vs_base": float(win.iloc[-1]) if len(win) else None,
+                "effective_batch": batch, "data": data}
 
 
 def train_preference(config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False,
