@@ -35,7 +35,7 @@ class TrainConfig:
     base_seed: int = _f(0, "Seed of the SFT base model (kept apart from `seed` so all RL seeds share one base)")
     # the loop
     steps: int = _f(30, "RL steps (one rollout batch each)")
-    prompts_per_step: int = _f(16, "Prompts sampled per step")
+    prompts_per_step: int = _f(16, "Prompts sampled per step (from_preset: x group_size for one-sample methods)")
     group_size: int = _f(8, "G, responses sampled per prompt")
     max_new_tokens: int | None = _f(None, "Generation budget (None: the task's); also Dr. GRPO's norm_len")
     temperature: float = _f(1.0, "Sampling temperature (log-probs are those of softmax(logits / temperature))")
@@ -86,13 +86,19 @@ class TrainConfig:
 
     @classmethod
     def from_preset(cls, method: str, **overrides) -> "TrainConfig":
-        """The paper's setting for ``method`` (from xxpo.presets) under the suite's defaults, then ``overrides``."""
+        """The paper's setting for ``method`` (from xxpo.presets) under the suite's defaults, then ``overrides``.
+
+        Every policy-gradient preset samples the same number of completions per step: methods that draw
+        one response per prompt (PPO, TRPO, sequence-level PPO) get ``group_size`` times more prompts
+        (16 x 8 = 128), so that comparisons across methods are at equal sample budget.
+        """
         name = "dpo" if method == "ipo" else method
         preset = get_preset(name)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in preset.hparams.items() if k in known}
         if preset.samples_per_prompt == 1 and name not in PREFERENCE_METHODS:
             values["group_size"] = 1
+            values["prompts_per_step"] = cls.prompts_per_step * cls.group_size
         values.update(overrides)
         return cls(method=method, **values)
 
@@ -164,3 +170,34 @@ class TrainConfig:
 def config_fields():
     """(name, type string, default, help) for every field: the CLI and the docs are generated from this."""
     return [(f.name, str(f.type), f.default, f.metadata["help"]) for f in fields(TrainConfig)]
+
+
+# --------------------------------------------------------------------------------------------------
+# The CPU learning check
+# --------------------------------------------------------------------------------------------------
+
+LEARNING_CHECK_SEEDS = (0, 1, 2)
+LEARNING_CHECK_BUDGET = dict(steps=40, eval_every=40, eval_n=500, progress=False)
+LEARNING_CHECK = {
+    # method -> overrides of its preset, the same for every seed. Read with the reasons below.
+    "ppo": {}, "trpo": {}, "grpo": {}, "dr_grpo": {}, "dapo": {}, "sppo_seq": {},
+    "gspo": dict(lr=1e-4), "gspo_token": dict(lr=1e-4), "sapo": dict(lr=1e-4),
+    "decoupled_ppo": dict(lr=1e-4, staleness=2), "a3po": dict(lr=1e-4, staleness=2),
+    "dpo": dict(dpo_beta=1.0, lr=1e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
+    "ipo": dict(dpo_beta=0.5, lr=3e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
+    "sppo_selfplay": dict(eta=2.0, lr=3e-4, steps=30, iterations=3, eval_every=30),
+}
+"""The setting under which each method must raise held-out accuracy over the base model on 2 CPU cores.
+
+``TrainConfig.from_preset(method, **LEARNING_CHECK_BUDGET, **LEARNING_CHECK[method], seed=s)`` for s in
+``LEARNING_CHECK_SEEDS``: the tests run it and ``benchmarks/methods.py`` prints the table. Why the
+overrides (measured on add2, tiny model, 3 seeds, 40 steps; see benchmarks/README.md):
+
+- The presets that split each rollout into 4 minibatches (GSPO, SAPO, Decoupled PPO, A-3PO) run at
+  lr 1e-4 instead of the suite's 3e-4: four AdamW steps per rollout at 3e-4 move this 125k-parameter
+  model so far that token ratios reach ~2 within one rollout; SAPO (no hard clip) then ended below the
+  base on 2 of 3 seeds and Decoupled PPO / A-3PO with eta = 2 on 1-2 of 3 seeds.
+- Decoupled PPO and A-3PO run with staleness eta = 2 (their regime) instead of AReaL's 8.
+- DPO / IPO / SPPO use beta = 1 / 0.5 and eta = 2 instead of the papers' 0.1 and 1000, which suit
+  responses of hundreds of tokens (see "Scale" in :mod:`xxpo.train.preference`).
+"""
