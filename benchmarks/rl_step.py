@@ -192,9 +192,6 @@ def main(argv=None) -> float:
         callback.trl = trl
         generate = Stopwatch(trl.model, "generate")
         score = Stopwatch(trl, "_generate_and_score_completions")
-        reference = None  # xxpo's frozen reference, scored every step (even with kl_coef = 0, for the kl_ref metric)
-        if getattr(xxpo, "reference", None) is not None:
-            reference = Stopwatch(xxpo.reference, "forward")
         trl.train()
 
     n = args.prompts * args.group_size
@@ -213,9 +210,8 @@ def main(argv=None) -> float:
           f"generate {median(generate.seconds[w:]):.4f}, rest of generate-and-score "
           f"{median([a - b for a, b in zip(score.seconds[w:], generate.seconds[w:])]):.4f}, "
           f"update and loop {median([t - s for t, s in zip(trl_s, score.seconds[w:])]):.4f}")
-    ref_s = reference.seconds[w:] if reference is not None and reference.seconds else [0.0] * len(rows)
-    rest = [r["time_step"] - r["time_rollout"] - r["time_update"] - r.get("time_prox", 0.0) - f
-            for r, f in zip(rows, ref_s)]
+    ref_s = [r["time_reference"] for r in rows]  # 0 except on evaluation steps (kl_coef = 0)
+    rest = [r["time_step"] - r["time_rollout"] - r["time_update"] - r["time_prox"] - r["time_reference"] for r in rows]
     print(f"  {'xxpo':6} {median(xxpo_s):8.4f} {xxpo_rate:9.1f} {xxpo_len:9.2f}   "
           f"rollout {median([r['time_rollout'] for r in rows]):.4f}, reference forward {median(ref_s):.4f}, "
           f"update {median([r['time_update'] for r in rows]):.4f}, rest {median(rest):.4f}")

@@ -386,7 +386,8 @@ class LaggedPolicy:
     step ``s`` :meth:`sample_model` returns the inference copy holding version ``max(0, s - lag)`` with
     ``lag = eta`` (``mode="max"``, always the oldest allowed) or ``lag ~ Uniform{0..eta}``
     (``mode="uniform"``, drawn from ``generator``). ``eta=0`` is synchronous on-policy sampling.
-    The constructor publishes the initial weights as version 0.
+    The constructor publishes the initial weights as version 0. With ``eta=0`` the live model itself
+    samples (no weight copies).
     """
 
     def __init__(self, model: torch.nn.Module, eta: int, mode: str = "max", generator: torch.Generator | None = None):
@@ -396,8 +397,9 @@ class LaggedPolicy:
         self.eta = eta
         self.mode = mode
         self.generator = generator
-        self.inference_model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.snapshots: dict[int, dict[str, torch.Tensor]] = {}
+        # eta = 0 samples from the live model itself: no copy, no snapshots (their values are None).
+        self.inference_model = copy.deepcopy(model).eval().requires_grad_(False) if eta > 0 else model
+        self.snapshots: dict[int, dict[str, torch.Tensor] | None] = {}
         self.loaded_version: int | None = None
         self.publish(model, 0)
 
@@ -411,7 +413,10 @@ class LaggedPolicy:
             raise ValueError(f"version must be an int >= 0, got {version!r}")
         if self.snapshots and version <= self.latest_version:
             raise ValueError(f"version must increase: got {version} after {self.latest_version}")
-        self.snapshots[version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if self.eta == 0:
+            self.inference_model, self.snapshots[version] = model, None
+        else:
+            self.snapshots[version] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         for old in sorted(self.snapshots)[: -(self.eta + 1)]:
             del self.snapshots[old]
 
@@ -429,7 +434,7 @@ class LaggedPolicy:
             raise ValueError(
                 f"version {version} is no longer kept (kept: {sorted(self.snapshots)}); publish every step"
             )
-        if version != self.loaded_version:
+        if self.eta > 0 and version != self.loaded_version:
             self.inference_model.load_state_dict(self.snapshots[version])
             self.loaded_version = version
         return self.inference_model, version

@@ -17,7 +17,7 @@ from xxpo.train.sft import base_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-TIME_COLUMNS = ("time_rollout", "time_prox", "time_update", "time_eval", "time_step", "tokens_per_second")
+TIME_COLUMNS = ("time_rollout", "time_reference", "time_prox", "time_update", "time_eval", "time_step", "tokens_per_second")
 
 
 def comparable(df: pd.DataFrame) -> pd.DataFrame:
