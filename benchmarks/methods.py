@@ -25,7 +25,7 @@ from xxpo.train.config import (  # noqa: E402
     LEARNING_CHECK_BUDGET,
     LEARNING_CHECK_SEEDS,
     PREFERENCE_METHODS,
-    TrainConfig,
+    learning_check_config,
 )
 
 
@@ -37,23 +37,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def check_config(method: str, seed: int) -> TrainConfig:
-    return TrainConfig.from_preset(method, **{**LEARNING_CHECK_BUDGET, **LEARNING_CHECK[method], "seed": seed})
-
-
 def run_method(method: str, seeds: list[int]) -> dict:
     runs = []
     for seed in seeds:
-        config = check_config(method, seed)
+        config = learning_check_config(method, seed)
         runs.append((train_preference if method in PREFERENCE_METHODS else train)(config).summary)
     finals = [r["final_eval_accuracy"] for r in runs]
     wins = [r.get("final_win_rate_vs_base") for r in runs]
     config = runs[0]["config"]
+    pairs = method in ("dpo", "ipo")  # offline pairs; every other method samples prompts x group_size
     return {
         "method": method,
         "setting": ", ".join(f"{k}={v}" for k, v in LEARNING_CHECK[method].items()) or "preset",
-        "samples": f"{config['prompts_per_step']} x {config['group_size']}" if method not in PREFERENCE_METHODS
-                   else f"{config['prompts_per_step']} {'pairs' if method != 'sppo_selfplay' else 'x ' + str(config['group_size'])}",
+        "samples": f"{config['prompts_per_step']} pairs" if pairs else f"{config['prompts_per_step']} x {config['group_size']}",
         "steps": config["steps"],
         "base": runs[0]["base_eval_accuracy"],
         "finals": finals,

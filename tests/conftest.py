@@ -1,4 +1,5 @@
-"""Shared fixtures: an independent plain-Python oracle for the objectives, and batch builders.
+"""Shared fixtures: an independent plain-Python oracle for the objectives, batch builders, and the
+engine tests' tokenizer and freshly built tiny models (one per test module).
 
 The oracle (fixture ``ref``) recomputes every loss, gradient and metric from the formulas in
 ``shared/reference/algorithms.md`` with Python floats and loops. It never calls ``xxpo``, so a test
@@ -9,10 +10,13 @@ import math
 import os
 import types
 
-import pytest
-import torch
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from xxpo.models import MODEL_PRESETS, build_model  # noqa: E402
+from xxpo.tasks import make_tokenizer  # noqa: E402
 
 CLAMP = 20.0  # the log-ratio clamp of the API (LOG_RATIO_CLAMP)
 
@@ -564,3 +568,23 @@ def to_list(x):
 @pytest.fixture(scope="session")
 def tl():
     return to_list
+
+
+# --------------------------------------------------------------------------------------------------
+# engine: the character tokenizer and untrained tiny models, fresh in every test module
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def dense(tok):
+    return build_model(MODEL_PRESETS["tiny"], tok, seed=0)
+
+
+@pytest.fixture(scope="module")
+def moe(tok):
+    return build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)

@@ -276,8 +276,11 @@ def _decode(
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T)
 
 
-def _response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-    """The logits that predict each response token, ``(B, T, V)`` in the model's dtype.
+def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+    """The logits that predict each response token, ``(B, T, V)`` in the model's dtype (differentiable).
+
+    ``prompt_ids`` / ``prompt_mask`` ``(B, P)`` left padded, ``response_ids`` / ``response_mask`` ``(B, T)``
+    right padded (long masks); the inputs are not validated here (:func:`token_logprobs` does).
 
     Rows that share a prompt (the G samples of a group) share its forward: the K distinct prompts run
     once ``(K, P)`` into a key/value cache, the cache is gathered back to the B rows (indexing is
@@ -316,7 +319,7 @@ def token_logprobs(
     """log pi(response token | prefix) under softmax(logits / temperature), ``(B, T)`` float32, 0 on padding.
 
     A differentiable forward over LEFT-padded prompts ``(B, P)`` followed by RIGHT-padded responses
-    ``(B, T)``, with the position ids :func:`sample` uses (see :func:`_response_logits` for how rows
+    ``(B, T)``, with the position ids :func:`sample` uses (see :func:`response_logits` for how rows
     that share a prompt share its forward). With ``with_entropy=True`` also returns the
     entropy of the tempered distribution at each response position, ``(B, T)``.
     """
@@ -329,7 +332,7 @@ def token_logprobs(
         )
     check_mask("response_mask", response_mask, response_ids.shape)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
-    logits = _response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long())
+    logits = response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long())
     logits = logits.float() / temperature  # (B, T, V)
     padding = response_mask == 0  # (B, T)
     logp = selective_log_softmax(logits, response_ids).masked_fill(padding, 0.0)  # (B, T)

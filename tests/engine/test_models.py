@@ -20,22 +20,7 @@ from xxpo.models import (
     routing_decisions,
     save_model,
 )
-from xxpo.tasks import encode_prompts, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def dense(tok):
-    return build_model(MODEL_PRESETS["tiny"], tok, seed=0)
-
-
-@pytest.fixture(scope="module")
-def moe(tok):
-    return build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
+from xxpo.tasks import encode_prompts
 
 
 def batch(tok, prompts=("1+2=", "23+45=", "99*9=")):

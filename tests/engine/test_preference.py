@@ -13,7 +13,7 @@ import torch
 
 from xxpo.tasks import get_task, make_tokenizer, preference_prob
 from xxpo.tasks.base import Example
-from xxpo.train.config import LEARNING_CHECK, LEARNING_CHECK_BUDGET, LEARNING_CHECK_SEEDS, PREFERENCE_METHODS, TrainConfig
+from xxpo.train.config import LEARNING_CHECK_SEEDS, PREFERENCE_METHODS, TrainConfig, learning_check_config
 from xxpo.train.preference import encode_responses, group_win_rates, sampled_pairs, train_preference
 from xxpo.train.sft import base_model
 
@@ -193,9 +193,7 @@ def test_each_preference_method_learns_from_the_base_model(base, method):
     """LEARNING_CHECK beats the base model on held-out prompts (mean accuracy and mean win rate over seeds);
     every policy tensor moves. Why beta and eta differ from the papers: "Scale" in xxpo.train.preference."""
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    results = [train_preference(TrainConfig.from_preset(method, **{**LEARNING_CHECK_BUDGET, **LEARNING_CHECK[method],
-                                                                 "seed": seed}))
-               for seed in LEARNING_CHECK_SEEDS]
+    results = [train_preference(learning_check_config(method, seed)) for seed in LEARNING_CHECK_SEEDS]
     base_accuracy = results[0].summary["base_eval_accuracy"]
     finals = [r.summary["final_eval_accuracy"] for r in results]
     wins = [r.summary["final_win_rate_vs_base"] for r in results]

@@ -11,24 +11,9 @@ import torch
 
 from xxpo.models import MODEL_PRESETS, build_model
 from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logprobs, sample
-from xxpo.tasks.tokenizer import encode_prompts, make_tokenizer
+from xxpo.tasks.tokenizer import encode_prompts
 
 PROMPTS = ["12+34=", "5+6=", "123*45="]  # different lengths: the batch is left padded
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def dense(tok):
-    return build_model(MODEL_PRESETS["tiny"], tok, seed=0)
-
-
-@pytest.fixture(scope="module")
-def moe(tok):
-    return build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
 
 
 @pytest.fixture(scope="module")

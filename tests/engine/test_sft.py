@@ -15,14 +15,9 @@ import torch
 
 import xxpo.train.sft as sft
 from xxpo.models import MODEL_PRESETS, build_model
-from xxpo.tasks import get_task, make_tokenizer
+from xxpo.tasks import get_task
 from xxpo.train.evaluate import evaluate
 from xxpo.train.sft import base_model, sft_batch, sft_loss, sft_train
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
 
 
 @pytest.fixture(scope="module")

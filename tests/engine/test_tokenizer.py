@@ -7,11 +7,6 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from xxpo.tasks import ALPHABET, encode_prompts, get_task, make_tokenizer
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return make_tokenizer()
-
-
 def test_is_a_fast_transformers_tokenizer_with_special_tokens(tok):
     assert isinstance(tok, PreTrainedTokenizerFast)
     assert len(tok) == 4 + len(ALPHABET)

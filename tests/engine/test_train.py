@@ -12,7 +12,7 @@ import torch
 
 from xxpo import objectives
 from xxpo.train import POLICY_METHODS, PREFERENCE_METHODS, TrainConfig, train
-from xxpo.train.config import LEARNING_CHECK, LEARNING_CHECK_BUDGET, LEARNING_CHECK_SEEDS
+from xxpo.train.config import LEARNING_CHECK, LEARNING_CHECK_SEEDS, learning_check_config
 from xxpo.train.sft import base_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,8 +131,7 @@ def test_one_sample_methods_see_as_many_completions_per_step_as_group_methods():
 def test_each_method_learns_from_the_base_model(base, method):
     """LEARNING_CHECK raises mean held-out accuracy over the base model across seeds; every policy tensor moves."""
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    results = [train(TrainConfig.from_preset(method, **{**LEARNING_CHECK_BUDGET, **LEARNING_CHECK[method], "seed": seed}))
-               for seed in LEARNING_CHECK_SEEDS]
+    results = [train(learning_check_config(method, seed)) for seed in LEARNING_CHECK_SEEDS]
     base_accuracy = results[0].summary["base_eval_accuracy"]
     finals = [r.summary["final_eval_accuracy"] for r in results]
     assert sum(finals) / len(finals) > base_accuracy, f"{method}: base {base_accuracy:.3f} -> seeds {finals}"

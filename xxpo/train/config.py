@@ -189,8 +189,8 @@ LEARNING_CHECK = {
 }
 """The setting under which each method must raise held-out accuracy over the base model on 2 CPU cores.
 
-``TrainConfig.from_preset(method, **LEARNING_CHECK_BUDGET, **LEARNING_CHECK[method], seed=s)`` for s in
-``LEARNING_CHECK_SEEDS``: the tests run it and ``benchmarks/methods.py`` prints the table. Why the
+:func:`learning_check_config` builds it for each seed in ``LEARNING_CHECK_SEEDS``: the tests run it and
+``benchmarks/methods.py`` prints the table. Why the
 overrides (measured on add2, tiny model, 3 seeds, 40 steps; see benchmarks/README.md):
 
 - The presets that split each rollout into 4 minibatches (GSPO, SAPO, Decoupled PPO, A-3PO) run at
@@ -201,3 +201,8 @@ overrides (measured on add2, tiny model, 3 seeds, 40 steps; see benchmarks/READM
 - DPO / IPO / SPPO use beta = 1 / 0.5 and eta = 2 instead of the papers' 0.1 and 1000, which suit
   responses of hundreds of tokens (see "Scale" in :mod:`xxpo.train.preference`).
 """
+
+
+def learning_check_config(method: str, seed: int) -> TrainConfig:
+    """The learning check's config of ``method`` for one seed: its preset, the budget, its overrides."""
+    return TrainConfig.from_preset(method, **{**LEARNING_CHECK_BUDGET, **LEARNING_CHECK[method], "seed": seed})

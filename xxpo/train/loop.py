@@ -39,20 +39,19 @@ from xxpo.functional import (
     sequence_value_advantages,
     token_rewards_from_outcome,
 )
-from xxpo.models import PromptValueModel, ValueModel, position_ids_from_mask, resolve_device, routing_decisions
-from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logprobs, token_logprobs
+from xxpo.models import PromptValueModel, ValueModel, resolve_device, routing_decisions
+from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logits, response_logprobs, token_logprobs
 from xxpo.tasks import encode_prompts, get_task
 from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
 from xxpo.train.evaluate import evaluate
 from xxpo.train.run import Run, RunResult, load_start
 
+
 def full_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     """log softmax over the whole vocabulary at every response position, (B, T, V) (TRPO's exact KL)."""
-    attention_mask = rollout.attention_mask
-    out = model(input_ids=rollout.input_ids, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False,
-                logits_to_keep=rollout.response_ids.shape[1] + 1)
-    return (out.logits[:, :-1].float() / temperature).log_softmax(-1)  # (B, T, V)
+    logits = response_logits(model, rollout.prompt_ids, rollout.prompt_mask.long(), rollout.response_ids,
+                             rollout.response_mask.long())  # (B, T, V)
+    return (logits.float() / temperature).log_softmax(-1)
 
 
 def routing_change(model, rollout: Rollout, before: torch.Tensor) -> float:
