@@ -8,6 +8,8 @@ with them (KV-cache sampling, ``save_pretrained``, swapping in a real checkpoint
   router that sends each token to its top-``experts_per_token`` experts. :func:`routing_decisions`
   reports those choices: GSPO (arXiv 2507.18071) observes that after a gradient update about 10% of
   the experts activated for the same rollout change, which makes token-level importance ratios volatile.
+  :func:`replay_routing` is the paper's remedy for GRPO on MoE models, "Routing Replay": a forward
+  that reuses given expert choices (the behaviour policy's) while the gate weights stay differentiable.
 
 Both tie the input embedding to the output layer and use a short context (the tasks need < 40 tokens).
 
@@ -17,6 +19,7 @@ copy the policy's backbone (weights included) and put a scalar linear head on it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import os
@@ -209,18 +212,26 @@ def _check_batch(ids_name: str, input_ids, mask_name: str, attention_mask) -> No
         raise ValueError(f"{mask_name} must be a tensor of shape {tuple(input_ids.shape)}")
 
 
-def routing_decisions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Top-k expert indices chosen by every MoE layer for every token: long (L, B, S, k).
-
-    A forward hook on each router records the indices it hands to the experts, i.e. the routing the
-    model really used (not a recomputation). Padded positions are included; mask them with
-    ``attention_mask``. Raises ``ValueError`` for a model without a supported router (dense models).
-    """
-    _check_batch("input_ids", input_ids, "attention_mask", attention_mask)
+def _routers(model: nn.Module) -> list[nn.Module]:
+    """The model's MoE routers in layer order (the order of ``model.modules()``); ``ValueError`` if none."""
     routers = [m for m in model.modules() if isinstance(m, ROUTER_TYPES)]
     if not routers:
         names = [r.__name__ for r in ROUTER_TYPES]
         raise ValueError(f"model must be an MoE model with a router in {names}, got {type(model).__name__}")
+    return routers
+
+
+def routing_decisions(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Top-k expert indices chosen by every MoE layer for every token: long (L, B, S, k).
+
+    A forward hook on each router records the indices it hands to the experts, i.e. the routing the
+    model really used (not a recomputation); inside :func:`replay_routing` these are the replayed ones.
+    The forward is the plain one-pass forward over ``(B, S)`` (position ids from the mask, no cache).
+    Padded positions are included; mask them with ``attention_mask``. Raises ``ValueError`` for a
+    model without a supported router (dense models).
+    """
+    _check_batch("input_ids", input_ids, "attention_mask", attention_mask)
+    routers = _routers(model)
     batch, seq = input_ids.shape
     recorded: list[torch.Tensor] = []
     handles = [r.register_forward_hook(lambda _m, _inp, out: recorded.append(out[2].detach())) for r in routers]
@@ -236,6 +247,88 @@ def routing_decisions(model: PreTrainedModel, input_ids: torch.Tensor, attention
         for handle in handles:
             handle.remove()
     return torch.stack([idx.reshape(batch, seq, -1) for idx in recorded]).long()  # (L, B, S, k)
+
+
+def _replayed_gate_weights(router: nn.Module, router_logits: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The gate weights ``router`` would give experts ``indices`` (N, k), from its current ``router_logits`` (N, E).
+
+    The same arithmetic as the router's own forward, with the top-k indices given instead of computed:
+    softmax over all experts in float32, the chosen experts' probabilities, renormalised over the k
+    chosen when the router renormalises (Qwen3-MoE: ``norm_topk_prob``; Mixtral: always).
+    """
+    probs = torch.softmax(router_logits.float(), dim=-1)  # (N, E)
+    weights = probs.gather(-1, indices)  # (N, k)
+    if isinstance(router, Qwen3MoeTopKRouter):
+        if router.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(router_logits.dtype)  # (N, k)
+    return weights / weights.sum(dim=-1, keepdim=True)  # (N, k) Mixtral: renormalised, kept in float32
+
+
+@contextlib.contextmanager
+def replay_routing(model: PreTrainedModel, decisions: torch.Tensor):
+    """Routing Replay (GSPO, arXiv 2507.18071, Sec. 5.3): inside the ``with`` block, every MoE layer of
+    ``model`` sends each token to the experts in ``decisions`` instead of its router's own top-k.
+
+    ``decisions``: long ``(L, B, S, k)``, as returned by :func:`routing_decisions` (one entry per MoE
+    layer in ``model.modules()`` order, ``k`` = the router's top-k, distinct experts per token). The GSPO
+    paper caches the experts the old (behaviour) policy activated for each token of a rollout and
+    replays them when the updated policy computes its importance ratios, so that numerator and
+    denominator are evaluated under the same routing.
+
+    Only the expert CHOICE is replayed. The gate weights are the CURRENT router's softmax probabilities
+    of the replayed experts, renormalised over the k of them exactly as the model's router renormalises
+    its own top-k (:func:`_replayed_gate_weights`), so the loss still reaches the router weights through
+    the gates (top-k selection itself has no gradient in either case). With the model's own decisions
+    the forward is unchanged (same values, same gradients).
+
+    Every forward inside the block must route ``B * S`` tokens per layer in the decisions' layout: a
+    plain one-pass forward over the same ``(B, S)`` batch (:func:`routing_decisions`'s layout; in the
+    engine, :func:`xxpo.rollout.response_logprobs` with ``routing=``). A forward with another token
+    count (a cached decoding step, the shared-prompt training forward, another batch) raises
+    ``ValueError``; the layout itself (which row is which) is the caller's responsibility.
+
+    Raises ``ValueError`` for a model without a supported MoE router (dense models) and for decisions
+    of the wrong type, shape or range.
+    """
+    routers = _routers(model)
+    if not isinstance(decisions, torch.Tensor) or decisions.dtype != torch.long:
+        raise TypeError(f"decisions must be a long tensor (L, B, S, k), got {type(decisions).__name__}"
+                        + (f" of dtype {decisions.dtype}" if isinstance(decisions, torch.Tensor) else ""))
+    top_k, num_experts = routers[0].top_k, routers[0].num_experts
+    if decisions.dim() != 4 or decisions.shape[0] != len(routers) or decisions.shape[-1] != top_k:
+        raise ValueError(
+            f"decisions must have shape (L={len(routers)}, B, S, k={top_k}) for this model, got {tuple(decisions.shape)}"
+        )
+    if decisions.numel() and (int(decisions.min()) < 0 or int(decisions.max()) >= num_experts):
+        raise ValueError(f"decisions must hold expert indices in [0, {num_experts}), got values in "
+                         f"[{int(decisions.min())}, {int(decisions.max())}]")
+    if top_k > 1 and bool((decisions.sort(-1).values.diff(dim=-1) == 0).any()):
+        raise ValueError("decisions must name k distinct experts for every token (a router never repeats one)")
+    n_tokens = decisions.shape[1] * decisions.shape[2]
+
+    def make_hook(layer: int, indices: torch.Tensor):
+        def hook(router, _inputs, output):
+            router_logits = output[0]  # (N, E)
+            if router_logits.shape[0] != n_tokens:
+                raise ValueError(
+                    f"replay_routing: MoE layer {layer} routes {router_logits.shape[0]} tokens but decisions hold "
+                    f"B * S = {n_tokens}; run one plain forward over the (B, S) batch the decisions were recorded on"
+                )
+            idx = indices.to(router_logits.device)  # (N, k)
+            return router_logits, _replayed_gate_weights(router, router_logits, idx), idx
+
+        return hook
+
+    handles = [
+        router.register_forward_hook(make_hook(layer, decisions[layer].reshape(n_tokens, top_k)))
+        for layer, router in enumerate(routers)
+    ]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 class _CriticWithBackbone(nn.Module):

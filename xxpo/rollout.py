@@ -32,7 +32,7 @@ from transformers import DynamicCache
 
 from xxpo.functional import entropy_from_logits, selective_log_softmax
 from xxpo.functional.checks import check_choice, check_mask, check_number
-from xxpo.models import position_ids_from_mask
+from xxpo.models import position_ids_from_mask, replay_routing, routing_decisions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +276,7 @@ def _decode(
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T)
 
 
-def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
+def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, routing=None) -> torch.Tensor:
     """The logits that predict each response token, ``(B, T, V)`` in the model's dtype (differentiable).
 
     ``prompt_ids`` / ``prompt_mask`` ``(B, P)`` left padded, ``response_ids`` / ``response_mask`` ``(B, T)``
@@ -288,10 +288,20 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask)
     ``(B, T)`` run on top. The prompt pass's last logit predicts response token 0. With no repeated
     prompt this is one ordinary forward over prompt + response. Both give the same log-probs up to
     float rounding.
+
+    ``routing`` (MoE models only): expert choices ``(L, B, P+T, k)`` to replay
+    (:func:`xxpo.models.replay_routing`). The shared-prompt forward routes ``K * P + B * T`` tokens,
+    not the ``B * (P+T)`` of the decisions, so with ``routing`` the forward is always the plain
+    one-pass forward over prompt + response, run under the replay.
     """
     p, t = prompt_ids.shape[1], response_ids.shape[1]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P+T)
     position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
+    if routing is not None:
+        with replay_routing(model, routing):
+            out = model(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=False, logits_to_keep=t + 1)
+        return out.logits[:, :-1]  # (B, T, V)
     distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
     if distinct.shape[0] == prompt_ids.shape[0]:
         out = model(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attention_mask,
@@ -315,13 +325,15 @@ def token_logprobs(
     response_mask: torch.Tensor,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    routing: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token | prefix) under softmax(logits / temperature), ``(B, T)`` float32, 0 on padding.
 
     A differentiable forward over LEFT-padded prompts ``(B, P)`` followed by RIGHT-padded responses
     ``(B, T)``, with the position ids :func:`sample` uses (see :func:`response_logits` for how rows
     that share a prompt share its forward). With ``with_entropy=True`` also returns the
-    entropy of the tempered distribution at each response position, ``(B, T)``.
+    entropy of the tempered distribution at each response position, ``(B, T)``. ``routing``: MoE
+    expert choices ``(L, B, P+T, k)`` to replay (Routing Replay; see :func:`response_logprobs`).
     """
     _check_prompts(prompt_ids, prompt_mask)
     if not isinstance(response_ids, torch.Tensor) or response_ids.dtype != torch.long or response_ids.dim() != 2:
@@ -332,7 +344,12 @@ def token_logprobs(
         )
     check_mask("response_mask", response_mask, response_ids.shape)
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
-    logits = response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long())
+    if routing is not None:
+        b, seq = prompt_ids.shape[0], prompt_ids.shape[1] + response_ids.shape[1]
+        if not isinstance(routing, torch.Tensor) or routing.dim() != 4 or routing.shape[1:3] != (b, seq):
+            shape = tuple(routing.shape) if isinstance(routing, torch.Tensor) else type(routing).__name__
+            raise ValueError(f"routing must be expert choices of shape (L, B={b}, P+T={seq}, k), got {shape}")
+    logits = response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long(), routing=routing)
     logits = logits.float() / temperature  # (B, T, V)
     padding = response_mask == 0  # (B, T)
     logp = selective_log_softmax(logits, response_ids).masked_fill(padding, 0.0)  # (B, T)
@@ -346,10 +363,22 @@ def response_logprobs(
     rollout: Rollout,
     temperature: float = 1.0,
     with_entropy: bool = False,
+    routing: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_logprobs` of a rollout's responses: the training forward of every policy-gradient method.
 
-    On the weights that sampled the rollout this equals ``rollout.behav_logp`` up to float rounding.
+    On the weights that sampled the rollout this equals ``rollout.behav_logp`` up to float rounding
+    (with ``top_p = 1``; see :func:`sample` for ``top_p < 1``).
+
+    ``routing`` -- Routing Replay for MoE models (GSPO, arXiv 2507.18071, Sec. 5.3): the expert choices
+    ``(L, B, P+T, k)`` of the behaviour policy on this rollout's ``input_ids`` (prompt + response, the
+    batch's full padded width), as returned by :meth:`LaggedPolicy.routing` or
+    :func:`xxpo.models.routing_decisions`; for a minibatch ``rollout.select(idx)`` pass
+    ``decisions[:, idx]``. Every MoE layer then uses those experts, with gate weights from the current
+    router (:func:`xxpo.models.replay_routing`), so the ratio against ``behav_logp`` compares the two
+    policies under the behaviour policy's routing. The forward is then the plain one-pass forward over
+    ``(B, P+T)`` (the shared-prompt forward has another token layout), which costs more on batches with
+    repeated prompts. ``None`` (default): the model routes as usual.
     """
     if not isinstance(rollout, Rollout):
         raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
@@ -361,6 +390,7 @@ def response_logprobs(
         rollout.response_mask,
         temperature=temperature,
         with_entropy=with_entropy,
+        routing=routing,
     )
 
 
@@ -388,9 +418,10 @@ class LaggedPolicy:
     simulated on one machine. After optimizer step ``k`` the trainer calls ``publish(model, k)``; at
     step ``s`` :meth:`sample_model` returns the inference copy holding version ``max(0, s - lag)`` with
     ``lag = eta`` (``mode="max"``, always the oldest allowed) or ``lag ~ Uniform{0..eta}``
-    (``mode="uniform"``, drawn from ``generator``). ``eta=0`` is synchronous on-policy sampling.
-    The constructor publishes the initial weights as version 0. With ``eta=0`` the live model itself
-    samples (no weight copies).
+    (``mode="uniform"``, drawn from ``generator``): not the latest version unless ``lag = 0``.
+    ``eta=0`` is synchronous on-policy sampling. The constructor publishes the initial weights as
+    version 0. With ``eta=0`` the live model itself samples (no weight copies).
+    :meth:`routing` gives the sampling weights' MoE expert choices on a rollout (Routing Replay).
     """
 
     def __init__(self, model: torch.nn.Module, eta: int, mode: str = "max", generator: torch.Generator | None = None):
@@ -424,7 +455,12 @@ class LaggedPolicy:
             del self.snapshots[old]
 
     def sample_model(self, step: int) -> tuple[torch.nn.Module, int]:
-        """``(inference model, version)`` to sample with at training step ``step`` (the latest published version)."""
+        """``(inference model, version)`` to sample with at training step ``step``.
+
+        The version is ``max(0, step - lag)`` with ``lag = eta`` (``mode="max"``) or ``lag`` drawn
+        uniformly from ``0..eta`` (``mode="uniform"``), so the latest published version only when
+        ``lag`` is 0 (always at ``eta=0``, where the model returned is the live model itself).
+        """
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         if step > self.latest_version:
@@ -433,6 +469,10 @@ class LaggedPolicy:
         if self.mode == "uniform":
             lag = int(torch.randint(0, self.eta + 1, (1,), generator=self.generator))
         version = max(0, step - lag)
+        return self._load(version), version
+
+    def _load(self, version: int) -> torch.nn.Module:
+        """The inference model holding ``version``'s weights (loads the snapshot if another is loaded)."""
         if version not in self.snapshots:
             raise ValueError(
                 f"version {version} is no longer kept (kept: {sorted(self.snapshots)}); publish every step"
@@ -440,7 +480,7 @@ class LaggedPolicy:
         if self.eta > 0 and version != self.loaded_version:
             self.inference_model.load_state_dict(self.snapshots[version])
             self.loaded_version = version
-        return self.inference_model, version
+        return self.inference_model
 
     def sample(self, step: int, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, **kwargs) -> Rollout:
         """:func:`sample` with the weights :meth:`sample_model` picks; ``Rollout.version`` records them."""
@@ -448,3 +488,38 @@ class LaggedPolicy:
             raise TypeError("policy_version is set by LaggedPolicy.sample; do not pass it")
         model, version = self.sample_model(step)
         return sample(model, prompt_ids, prompt_mask, policy_version=version, **kwargs)
+
+    @torch.no_grad()
+    def routing(self, rollout: Rollout) -> torch.Tensor:
+        """Routing Replay's cache: the experts the policy that SAMPLED each row routes its tokens to.
+
+        Returns long ``(L, B, P+T, k)`` over ``rollout.input_ids`` (prompt + response, full padded width),
+        the ``routing=`` argument of :func:`response_logprobs`. Each row is routed by the weights of its
+        own ``rollout.version`` (a rollout built with :meth:`Rollout.cat` may mix versions), with one
+        plain forward per version (:func:`xxpo.models.routing_decisions`), the way the GSPO paper caches
+        the old policy's routing of the rollout. Under staleness (``eta > 0``) those are the snapshot's
+        weights, not the learner's.
+
+        Call it right after :meth:`sample`, before the next optimizer step: with ``eta = 0`` no copy is
+        kept, the live model is the sampling model only until it is updated, and only the latest
+        published version is available. Raises ``ValueError`` for a version that is no longer kept and
+        for a dense model.
+        """
+        if not isinstance(rollout, Rollout):
+            raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
+        row_version = rollout.version[:, 0]  # (B,) every row has a real first token, so its version
+        versions = sorted(set(row_version.tolist()))
+        if self.eta == 0 and versions != [self.latest_version]:
+            raise ValueError(
+                f"with eta=0 only the live model (version {self.latest_version}) is kept; the rollout has versions "
+                f"{versions}: compute the routing right after sampling"
+            )
+        input_ids, attention_mask = rollout.input_ids, rollout.attention_mask  # (B, P+T)
+        decisions = None
+        for version in versions:
+            rows = (row_version == version).nonzero().squeeze(-1)  # (b,)
+            part = routing_decisions(self._load(version), input_ids[rows], attention_mask[rows])  # (L, b, P+T, k)
+            if decisions is None:
+                decisions = part.new_empty((part.shape[0], len(rollout), *part.shape[2:]))
+            decisions[:, rows] = part
+        return decisions  # (L, B, P+T, k)

@@ -1,5 +1,7 @@
-"""Models: configs and presets, deterministic construction, MoE routing, critics, devices, save/load."""
+"""Models: configs and presets, deterministic construction, MoE routing and Routing Replay, critics,
+devices, save/load."""
 
+import copy
 import dataclasses
 import inspect
 
@@ -16,10 +18,12 @@ from xxpo.models import (
     count_parameters,
     load_model,
     position_ids_from_mask,
+    replay_routing,
     resolve_device,
     routing_decisions,
     save_model,
 )
+from xxpo.rollout import response_logprobs, sample
 from xxpo.tasks import encode_prompts
 
 
@@ -139,6 +143,170 @@ def test_routing_decisions_rejects_dense_models(tok, dense):
     ids, mask = batch(tok)
     with pytest.raises(ValueError, match="model"):
         routing_decisions(dense, ids, mask)
+
+
+# ------------------------------------------------------------------------------------ Routing Replay
+
+
+def rerouted(moe, seed: int = 0, scale: float = 1.0):
+    """A copy of ``moe`` whose router weights got a large random kick (the routing changes; nothing else)."""
+    model = copy.deepcopy(moe)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight += torch.randn(layer.mlp.gate.weight.shape, generator=generator) * scale
+    return model
+
+
+def forward(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
+
+
+def experts_used(model, ids, mask) -> torch.Tensor:
+    """The top-k indices each layer's expert module RECEIVED during one forward, (L, B, S, k)."""
+    seen = []
+    handles = [layer.mlp.experts.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+               for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            forward(model, ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([x.reshape(*ids.shape, -1) for x in seen])
+
+
+@pytest.fixture(scope="module")
+def moe_rollout(tok, moe):
+    ids, mask = batch(tok, ["12+34=", "5+6=", "99*9="])
+    return sample(moe, ids, mask, num_samples=3, max_new_tokens=6, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+
+
+def test_replay_of_the_models_own_routing_changes_nothing(tok, moe, moe_rollout):
+    r = moe_rollout
+    hooks_before = [len(layer.mlp.gate._forward_hooks) for layer in moe.model.layers]
+    own = routing_decisions(moe, r.input_ids, r.attention_mask)
+    with torch.no_grad():
+        plain = forward(moe, r.input_ids, r.attention_mask).logits
+        with replay_routing(moe, own):
+            replayed = forward(moe, r.input_ids, r.attention_mask).logits
+        logp = response_logprobs(moe, r)  # the usual (shared-prompt) training forward
+        logp_replayed = response_logprobs(moe, r, routing=own)
+    assert torch.equal(replayed, plain)  # the same gate arithmetic as the router's own: bit for bit
+    torch.testing.assert_close(logp_replayed, logp, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logp_replayed, r.behav_logp, atol=1e-5, rtol=0)
+    assert [len(layer.mlp.gate._forward_hooks) for layer in moe.model.layers] == hooks_before  # hooks removed
+
+
+def test_replay_forces_the_behaviour_experts_after_the_router_changed(tok, moe, moe_rollout):
+    r = moe_rollout
+    ids, mask = r.input_ids, r.attention_mask
+    behaviour = routing_decisions(moe, ids, mask)  # (L, B, S, k)
+    current = rerouted(moe)
+    real = mask.bool()
+    own = routing_decisions(current, ids, mask)
+    changed = (own.sort(-1).values != behaviour.sort(-1).values).any(-1)[:, real]  # (L, real tokens)
+    assert changed.float().mean() > 0.2  # the kick really re-routed many tokens
+    assert torch.equal(experts_used(current, ids, mask), own)  # without replay: the current router's choice
+    with replay_routing(current, behaviour):
+        assert torch.equal(experts_used(current, ids, mask), behaviour)
+        assert torch.equal(routing_decisions(current, ids, mask), behaviour)
+        with torch.no_grad():
+            replayed = forward(current, ids, mask).logits
+    with torch.no_grad():
+        plain = forward(current, ids, mask).logits
+    assert (replayed - plain)[real].abs().amax() > 1e-3  # the replay changed the output
+
+
+def swiglu_expert(experts, e: int, x: torch.Tensor) -> torch.Tensor:
+    gate, up = (x @ experts.gate_up_proj[e].double().T).chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up) @ experts.down_proj[e].double().T
+
+
+def test_replayed_layer_output_matches_a_hand_computed_mixture(tok, moe, moe_rollout):
+    """Layer 0 under replay = sum over the REPLAYED experts of (current router prob / their sum) * expert(x)."""
+    r = moe_rollout
+    ids, mask = r.input_ids, r.attention_mask
+    behaviour = routing_decisions(moe, ids, mask)
+    current = rerouted(moe, seed=1)
+    block = current.model.layers[0].mlp
+    captured = {}
+    handle = block.register_forward_hook(lambda _m, args, out: captured.update(x=args[0].detach(), y=out.detach()))
+    try:
+        with replay_routing(current, behaviour), torch.no_grad():
+            forward(current, ids, mask)
+    finally:
+        handle.remove()
+    x = captured["x"].reshape(-1, captured["x"].shape[-1]).double()  # (N, H)
+    chosen = behaviour[0].reshape(x.shape[0], -1)  # (N, k)
+    probs = torch.softmax(x @ block.gate.weight.detach().double().T, dim=-1)  # (N, E) the current router
+    expected = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        w = probs[n, chosen[n]] / probs[n, chosen[n]].sum()  # norm_topk_prob=True
+        for j, e in enumerate(chosen[n].tolist()):
+            expected[n] += w[j] * swiglu_expert(block.experts, e, x[n : n + 1])[0].detach()
+    torch.testing.assert_close(captured["y"].reshape(expected.shape).double(), expected, atol=1e-5, rtol=1e-4)
+
+
+def router_grads(model) -> list[torch.Tensor]:
+    return [layer.mlp.gate.weight.grad.clone() for layer in model.model.layers]
+
+
+def test_gradients_reach_the_router_under_replay(tok, moe, moe_rollout):
+    r = moe_rollout
+    behaviour = routing_decisions(moe, r.input_ids, r.attention_mask)
+    current = rerouted(moe)
+    current.zero_grad(set_to_none=True)
+    response_logprobs(current, r, routing=behaviour).sum().backward()
+    for grad in router_grads(current):
+        assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # with the model's own routing, replay gives the same gradients as the usual forward
+    own = routing_decisions(moe, r.input_ids, r.attention_mask)
+    model = copy.deepcopy(moe)
+    model.zero_grad(set_to_none=True)
+    response_logprobs(model, r, routing=own).sum().backward()
+    replayed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    response_logprobs(model, r).sum().backward()
+    for a, b in zip(replayed, [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_replay_routing_rejects_dense_models_and_bad_decisions(tok, dense, moe, moe_rollout):
+    r = moe_rollout
+    ids, mask = r.input_ids, r.attention_mask
+    good = routing_decisions(moe, ids, mask)  # (L, B, S, k)
+    hooks_before = len(moe.model.layers[0].mlp.gate._forward_hooks)
+    with pytest.raises(ValueError, match="MoE"):
+        with replay_routing(dense, good):
+            pass
+    with pytest.raises(ValueError, match="MoE"):
+        response_logprobs(dense, r, routing=good)
+    bad_shapes = [good[:1], good[..., :1], good[0], torch.cat([good, good], dim=-1)]
+    for bad in bad_shapes:
+        with pytest.raises(ValueError, match="decisions must have shape"):
+            with replay_routing(moe, bad):
+                pass
+    with pytest.raises(TypeError, match="decisions"):
+        with replay_routing(moe, good.float()):
+            pass
+    with pytest.raises(ValueError, match="expert indices"):
+        with replay_routing(moe, good + MODEL_PRESETS["tiny-moe"].num_experts):
+            pass
+    with pytest.raises(ValueError, match="distinct"):
+        with replay_routing(moe, good[..., :1].expand_as(good).contiguous()):
+            pass
+    # the right shape for another batch: the forward's token count does not match
+    with pytest.raises(ValueError, match="B \\* S"):
+        with replay_routing(moe, good[:, :2]), torch.no_grad():
+            forward(moe, ids, mask)
+    assert len(moe.model.layers[0].mlp.gate._forward_hooks) == hooks_before  # removed even after the error
+    # response_logprobs checks the (B, P+T) layout against the rollout
+    with pytest.raises(ValueError, match="routing"):
+        response_logprobs(moe, r, routing=good[:, :, :-1])
+    with pytest.raises(ValueError, match="routing"):
+        response_logprobs(moe, r.select(slice(0, 2)), routing=good)
 
 
 @pytest.mark.parametrize("arch", ["dense", "moe"])

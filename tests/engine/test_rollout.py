@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from xxpo.models import MODEL_PRESETS, build_model
+from xxpo.models import MODEL_PRESETS, build_model, routing_decisions
 from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logprobs, sample
 from xxpo.tasks.tokenizer import encode_prompts
 
@@ -340,3 +340,82 @@ def test_lagged_policy_uniform_lag_stays_within_eta(tok):
         LaggedPolicy(live, eta=1, mode="newest")
     with pytest.raises(ValueError, match="eta"):
         LaggedPolicy(live, eta=-1)
+
+
+# ---------------------------------------------------------------------------- Routing Replay's cache
+
+
+def kick_routers(model, seed: int) -> None:
+    """Change only the MoE routers' weights, strongly enough that the routing changes."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.gate.weight += torch.randn(layer.mlp.gate.weight.shape, generator=generator)
+
+
+def test_lagged_policy_routing_comes_from_the_sampling_weights(tok, prompts):
+    """With eta = 2 the rollout of step 2 is sampled by version 0: its routing is version 0's, not the learner's."""
+    live = build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
+    version0 = build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
+    lagged = LaggedPolicy(live, eta=2)
+    for step in (1, 2):
+        kick_routers(live, step)
+        lagged.publish(live, step)
+    kwargs = dict(num_samples=3, max_new_tokens=6, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    r = lagged.sample(2, *prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert set(r.version[r.response_mask > 0].tolist()) == {0}
+    decisions = lagged.routing(r)
+    ids, mask = r.input_ids, r.attention_mask
+    assert decisions.shape == (2, len(r), ids.shape[1], 2)
+    assert torch.equal(decisions, routing_decisions(version0, ids, mask))
+    learner = routing_decisions(live, ids, mask)
+    assert (decisions != learner).any(-1)[:, mask.bool()].float().mean() > 0.2
+    # the cache replays the behaviour policy: on its own weights the replayed forward gives behav_logp
+    torch.testing.assert_close(response_logprobs(version0, r, routing=decisions).detach(), r.behav_logp,
+                               atol=1e-5, rtol=0)
+    # and the learner's replayed forward routes the minibatch's tokens as version 0 did
+    idx = torch.tensor([0, 4, 8])
+    seen = []
+    handles = [layer.mlp.experts.register_forward_pre_hook(lambda _m, args: seen.append(args[1].clone()))
+               for layer in live.model.layers]
+    try:
+        logp = response_logprobs(live, r.select(idx), routing=decisions[:, idx])
+    finally:
+        for h in handles:
+            h.remove()
+    assert torch.equal(torch.stack(seen).reshape(decisions[:, idx].shape), decisions[:, idx])
+    assert logp.shape == (3, r.response_ids.shape[1]) and logp.requires_grad
+
+
+def test_lagged_policy_routing_with_mixed_versions_and_its_errors(tok, prompts):
+    live = build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
+    version0 = build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
+    lagged = LaggedPolicy(live, eta=1)
+    kick_routers(live, 1)
+    lagged.publish(live, 1)
+    kwargs = dict(num_samples=2, max_new_tokens=5, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  generator=torch.Generator().manual_seed(0))
+    old = lagged.sample(1, *prompts, **kwargs)  # version 0 (lag 1)
+    new = sample(live, *encode_prompts(tok, ["7+8="]), policy_version=1, **kwargs)
+    both = Rollout.cat([old, new])
+    decisions = lagged.routing(both)
+    ids, mask = both.input_ids, both.attention_mask
+    n = len(old)
+    assert torch.equal(decisions[:, :n], routing_decisions(version0, ids[:n], mask[:n]))
+    assert torch.equal(decisions[:, n:], routing_decisions(live, ids[n:], mask[n:]))
+    kick_routers(live, 2)
+    lagged.publish(live, 2)
+    kick_routers(live, 3)
+    lagged.publish(live, 3)
+    with pytest.raises(ValueError, match="version 0"):
+        lagged.routing(old)  # version 0 is no longer kept
+    synchronous = LaggedPolicy(live, eta=0)
+    r = synchronous.sample(0, *prompts, **{**kwargs, "generator": torch.Generator().manual_seed(0)})
+    assert torch.equal(synchronous.routing(r), routing_decisions(live, r.input_ids, r.attention_mask))
+    synchronous.publish(live, 1)
+    with pytest.raises(ValueError, match="right after sampling"):
+        synchronous.routing(r)  # the live weights are no longer version 0
+    with pytest.raises(ValueError, match="MoE"):
+        LaggedPolicy(build_model(MODEL_PRESETS["tiny"], tok, seed=0), eta=0).routing(r)
+    with pytest.raises(TypeError, match="rollout"):
+        lagged.routing(r.input_ids)
