@@ -11,8 +11,9 @@ Three pieces:
    key/value cache. Temperature, top-p (nucleus, Holtzman et al. 2019, arXiv 1904.09751) and greedy
    decoding; each row stops at its own EOS.
 2. :func:`response_logprobs` -- the differentiable forward used in training: a pass over prompt +
-   response (the prompt once per group) that recomputes the same log-probs (equal to ``behav_logp`` to float precision
-   when the weights did not change, because both build position ids the same way).
+   response (the prompt once per group) that recomputes the sampling policy's log-probs (equal to
+   ``policy_logp`` to float precision when the weights did not change, because both build position ids
+   the same way; ``policy_logp`` is ``behav_logp`` unless ``top_p < 1``, see :func:`sample`).
 3. :class:`LaggedPolicy` -- bounded staleness for simulated asynchronous RL (AReaL, arXiv 2505.24298,
    Sec. 4.1): rollouts come from weights up to ``eta`` versions older than the learner's.
 
@@ -45,21 +46,30 @@ class Rollout:
     """``B = n_prompts * G`` sampled responses, laid out group by group (the G samples of prompt 0 first).
 
     Padding conventions: prompts are LEFT padded, responses RIGHT padded with ``pad_token_id``. On
-    padding, ``behav_logp`` is 0 and ``version`` is -1.
+    padding, ``behav_logp`` and ``policy_logp`` are 0 and ``version`` is -1.
+
+    Two log-probs of each sampled token (they differ only under nucleus sampling, ``top_p < 1``; see
+    :func:`sample`): ``behav_logp`` under the distribution the token was actually drawn from (the
+    behaviour policy mu of the papers, the denominator of every importance ratio), and ``policy_logp``
+    under the untruncated tempered policy softmax(logits / temperature) of the sampling weights (what
+    :func:`response_logprobs` recomputes). ``policy_logp`` defaults to ``behav_logp``.
     """
 
     prompt_ids: torch.Tensor  # (B, P) long, left padded
     prompt_mask: torch.Tensor  # (B, P) long, 1 on real prompt tokens
     response_ids: torch.Tensor  # (B, T) long, right padded
     response_mask: torch.Tensor  # (B, T) float32, 1 on every generated token up to and including EOS
-    behav_logp: torch.Tensor  # (B, T) float32, log softmax(logits / temperature) of the sampled token
+    behav_logp: torch.Tensor  # (B, T) float32, log-prob of the sampled token under the distribution sampled from
     version: torch.Tensor  # (B, T) long, policy version that sampled each token
     prompt_index: torch.Tensor  # (B,) long, which prompt of the batch each row answers
     pad_token_id: int
+    policy_logp: torch.Tensor | None = None  # (B, T) float32, log softmax(logits / temperature), untruncated
 
     def __post_init__(self) -> None:
+        if self.policy_logp is None:
+            self.policy_logp = self.behav_logp
         b, t = self.response_ids.shape
-        for name in ("response_mask", "behav_logp", "version"):
+        for name in ("response_mask", "behav_logp", "policy_logp", "version"):
             if getattr(self, name).shape != (b, t):
                 raise ValueError(f"{name} must have shape {(b, t)}, got {tuple(getattr(self, name).shape)}")
         if self.prompt_ids.shape[0] != b or self.prompt_mask.shape != self.prompt_ids.shape:
@@ -74,6 +84,15 @@ class Rollout:
     @property
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.response_mask.to(self.prompt_mask.dtype)], dim=1)  # (B, P+T)
+
+    @property
+    def nucleus_log_mass(self) -> torch.Tensor:
+        """``policy_logp - behav_logp``, ``(B, T)``: log of the nucleus mass Z_t each token was drawn from.
+
+        0 without truncation (``top_p = 1``) and on padding; in ``[log top_p, 0]`` otherwise. It is the
+        log of the on-policy ratio pi / mu that a ratio method sees before any update (see :func:`sample`).
+        """
+        return self.policy_logp - self.behav_logp  # (B, T)
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -119,6 +138,7 @@ class Rollout:
             version=torch.cat([right(r.version, -1) for r in rollouts]),
             prompt_index=torch.cat([r.prompt_index for r in rollouts]),
             pad_token_id=pad,
+            policy_logp=torch.cat([right(r.policy_logp, 0.0) for r in rollouts]),
         )
 
     def _map(self, fn) -> Rollout:
@@ -169,10 +189,31 @@ def sample(
     """Sample ``num_samples`` responses per prompt with a KV cache; each row stops at its first EOS.
 
     ``prompt_ids`` / ``prompt_mask``: ``(N, P)`` left padded. Returns a :class:`Rollout` with
-    ``B = N * num_samples`` rows, group by group. ``behav_logp`` is the log-probability of each
-    sampled token under softmax(logits / temperature), i.e. before the top-p truncation, which is the
-    policy the training forward recomputes. ``greedy=True`` takes the argmax (for evaluation); the
-    generator is then unused. The same ``generator`` state gives the same samples.
+    ``B = N * num_samples`` rows, group by group. ``greedy=True`` takes the argmax (for evaluation);
+    the generator is then unused. The same ``generator`` state gives the same samples.
+
+    Log-probs under nucleus sampling (``top_p < 1``, Holtzman et al., arXiv 1904.09751). Each token is
+    drawn from the truncated, renormalised distribution mu_t(y) = pi_t(y) / Z_t on the nucleus (Z_t =
+    its probability mass under pi_t = softmax(logits / temperature), Z_t >= top_p), 0 elsewhere.
+
+    - ``behav_logp`` is log mu_t(y) of the sampled token: the distribution the data really came from,
+      so the importance ratios of the objectives (pi_theta / behav, decoupled PPO's and A-3PO's
+      behaviour weights) correct for the truncation as for any other behaviour policy. This is the
+      choice here, rather than refusing ``top_p < 1`` for ratio methods: the rollout layer cannot know
+      the method, the off-policy corrections need the true mu, and ``top_p = 1`` (the default
+      everywhere in xxpo) is unaffected.
+    - ``policy_logp`` is log pi_t(y), the untruncated policy of the sampling weights, which is what the
+      training forward (:func:`response_logprobs`) recomputes. Use it where the policy's own likelihood
+      is meant (KL to a reference, SPPO's log pi_t(y|x)).
+    - Consequence for ratio methods: before any update, the ratio pi_theta / mu of a token equals
+      Z_t (``exp(rollout.nucleus_log_mass)``), not 1. Every ratio starts in ``[top_p, 1]``; with PPO-style
+      clipping at ``1 - eps``, tokens with Z_t < 1 - eps and a negative advantage get no gradient from the
+      first minibatch on (e.g. ``top_p = 0.7`` with ``eps = 0.2``). Tokens outside the nucleus are never
+      sampled, so the truncated tail is still not corrected for (importance sampling needs mu > 0 where
+      pi > 0). Log ``masked_mean(rollout.nucleus_log_mass, rollout.response_mask)`` to see the size.
+
+    With ``top_p = 1`` the two are the same tensor. With ``greedy=True`` both are the untruncated
+    log pi_t of the argmax (greedy decoding is for evaluation, not for ratios).
     """
     _check_prompts(prompt_ids, prompt_mask)
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
@@ -194,7 +235,7 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        response_ids, logps = _decode(
+        response_ids, logps, untruncated = _decode(
             model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id,
             temperature, top_p, generator, greedy,
         )
@@ -209,15 +250,17 @@ def sample(
     eos_before = is_eos.cumsum(-1) - is_eos  # (B, T)
     response_mask = (eos_before == 0).float()  # (B, T)
     version = torch.full_like(response_ids, policy_version).masked_fill(response_mask == 0, -1)  # (B, T)
+    behav_logp = logps * response_mask  # (B, T)
     return Rollout(
         prompt_ids=prompt_ids,
         prompt_mask=prompt_mask,
         response_ids=response_ids,
         response_mask=response_mask,
-        behav_logp=logps * response_mask,  # (B, T)
+        behav_logp=behav_logp,
         version=version,
         prompt_index=prompt_index,
         pad_token_id=pad_token_id,
+        policy_logp=behav_logp if untruncated is logps else untruncated * response_mask,  # (B, T)
     )
 
 
@@ -225,7 +268,9 @@ def _decode(
     model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
     generator, greedy,
 ):
-    """The decoding loop of :func:`sample`: returns response ids ``(B, T)`` and their log-probs ``(B, T)``.
+    """The decoding loop of :func:`sample`: returns response ids ``(B, T)``, their log-probs under the
+    distribution sampled from ``(B, T)`` and under the untruncated tempered policy ``(B, T)`` (the same
+    tensor when nothing is truncated).
 
     The prefill runs once per distinct prompt ``(N, P)``; its key/value cache, last logits, mask and
     positions are then repeated ``num_samples`` times, so the G samples of a prompt share one prefill.
@@ -247,19 +292,24 @@ def _decode(
     b = attention_mask.shape[0]
     next_position = positions[:, -1:] + 1  # (B, 1)
 
-    tokens, logps = [], []
+    truncate = top_p < 1.0 and not greedy
+    tokens, logps, policy_logps = [], [], []  # policy_logps only under truncation
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # (B,)
     for step in range(max_new_tokens):
         logits = logits.float() / temperature  # (B, V)
         if greedy:
             token = logits.argmax(-1)  # (B,)
         else:
-            filtered = _top_p_filter(logits, top_p) if top_p < 1.0 else logits  # (B, V)
+            filtered = _top_p_filter(logits, top_p) if truncate else logits  # (B, V)
             token = torch.multinomial(filtered.softmax(-1), 1, generator=generator).squeeze(-1)  # (B,)
-        logp = selective_log_softmax(logits, token)  # (B,)
+        logp = selective_log_softmax(logits, token)  # (B,) log pi_t(token), untruncated
+        # log mu_t(token) = log pi_t(token) - log Z_t under truncation (Z_t = nucleus mass), else log pi_t
+        behav = selective_log_softmax(filtered, token) if truncate else logp  # (B,)
         token = token.masked_fill(finished, pad_token_id)
         tokens.append(token)
-        logps.append(logp.masked_fill(finished, 0.0))
+        logps.append(behav.masked_fill(finished, 0.0))
+        if truncate:
+            policy_logps.append(logp.masked_fill(finished, 0.0))
         finished = finished | (token == eos_token_id)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
@@ -273,7 +323,8 @@ def _decode(
         )
         logits = out.logits[:, -1]  # (B, V)
         next_position = next_position + 1
-    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T)
+    response_ids, behav_logp = torch.stack(tokens, dim=1), torch.stack(logps, dim=1)  # (B, T), (B, T)
+    return response_ids, behav_logp, torch.stack(policy_logps, dim=1) if truncate else behav_logp  # (B, T)
 
 
 def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, routing=None) -> torch.Tensor:
@@ -367,8 +418,9 @@ def response_logprobs(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_logprobs` of a rollout's responses: the training forward of every policy-gradient method.
 
-    On the weights that sampled the rollout this equals ``rollout.behav_logp`` up to float rounding
-    (with ``top_p = 1``; see :func:`sample` for ``top_p < 1``).
+    On the weights that sampled the rollout this equals ``rollout.policy_logp`` up to float rounding,
+    which is ``rollout.behav_logp`` when ``top_p = 1``; under ``top_p < 1`` it exceeds ``behav_logp`` by
+    the nucleus log-mass (:func:`sample` says what that means for ratios).
 
     ``routing`` -- Routing Replay for MoE models (GSPO, arXiv 2507.18071, Sec. 5.3): the expert choices
     ``(L, B, P+T, k)`` of the behaviour policy on this rollout's ``input_ids`` (prompt + response, the

@@ -156,19 +156,56 @@ def test_first_token_frequencies_follow_tempered_softmax(dense, tok):
     torch.testing.assert_close(r.behav_logp[:, 0].double(), probs.log()[r.response_ids[:, 0]], atol=1e-5, rtol=0)
 
 
-def test_top_p_samples_only_inside_the_nucleus(dense, tok):
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_top_p_samples_only_inside_the_nucleus_and_records_its_renormalised_logprob(dense, tok, temperature):
     ids, mask = encode_prompts(tok, ["12+34="])
     top_p = 0.5
     with torch.no_grad():
-        probs = dense(input_ids=ids).logits[0, -1].double().softmax(-1)  # (V,)
+        probs = (dense(input_ids=ids).logits[0, -1].double() / temperature).softmax(-1)  # (V,)
     ordered, order = probs.sort(descending=True)
     size = int((ordered.cumsum(0) < top_p).sum()) + 1  # smallest prefix reaching top_p
-    nucleus = set(order[:size].tolist())
-    r = run(dense, tok, (ids, mask), num_samples=2000, max_new_tokens=1, top_p=top_p,
+    nucleus = order[:size].tolist()
+    mass = float(ordered[:size].sum())  # Z, the nucleus's probability
+    assert size >= 2 and top_p <= mass < 1  # a real truncation with a choice inside it
+    r = run(dense, tok, (ids, mask), num_samples=2000, max_new_tokens=1, top_p=top_p, temperature=temperature,
             generator=torch.Generator().manual_seed(0))
-    assert set(r.response_ids[:, 0].tolist()) == nucleus
-    # behav_logp is the untruncated tempered distribution, not the renormalised nucleus
-    torch.testing.assert_close(r.behav_logp[:, 0].double(), probs.log()[r.response_ids[:, 0]], atol=1e-5, rtol=0)
+    first = r.response_ids[:, 0]
+    assert set(first.tolist()) == set(nucleus)
+    # behav_logp: the truncated, renormalised distribution actually sampled from, log(p / Z)
+    torch.testing.assert_close(r.behav_logp[:, 0].double(), (probs / mass).log()[first], atol=1e-5, rtol=0)
+    # policy_logp: the untruncated tempered policy, log p; their difference is log Z
+    torch.testing.assert_close(r.policy_logp[:, 0].double(), probs.log()[first], atol=1e-5, rtol=0)
+    torch.testing.assert_close(r.nucleus_log_mass[:, 0].double(), torch.full((2000,), mass).log().double(),
+                               atol=1e-5, rtol=0)
+    # the frequencies are those of the renormalised nucleus
+    freq = torch.bincount(first, minlength=probs.shape[0]).double() / 2000
+    renormalised = torch.zeros_like(probs)
+    renormalised[order[:size]] = ordered[:size] / mass
+    assert (freq - renormalised).abs().max() < 4 * (0.25 / 2000) ** 0.5
+
+
+def test_without_truncation_both_logprobs_are_one_tensor(dense, tok, prompts):
+    r = run(dense, tok, prompts, generator=torch.Generator().manual_seed(0))
+    assert r.policy_logp is r.behav_logp and (r.nucleus_log_mass == 0).all()
+    g = run(dense, tok, prompts, top_p=0.5, greedy=True)  # greedy: untruncated log-probs, no nucleus
+    assert g.policy_logp is g.behav_logp
+
+
+def test_on_policy_ratio_under_top_p_is_the_nucleus_mass(dense, tok, prompts):
+    """Before any update, exp(trainer logp - behav_logp) = Z_t per token, in [top_p, 1]; 1 with top_p = 1."""
+    top_p = 0.8
+    r = run(dense, tok, prompts, top_p=top_p, generator=torch.Generator().manual_seed(2))
+    real = r.response_mask.bool()
+    with torch.no_grad():
+        ratio = torch.exp(response_logprobs(dense, r) - r.behav_logp)  # (B, T)
+    torch.testing.assert_close(ratio[real], r.nucleus_log_mass.exp()[real], atol=1e-5, rtol=0)
+    assert (ratio[real] >= top_p - 1e-5).all() and (ratio[real] <= 1 + 1e-5).all()
+    assert (ratio[real] < 1 - 1e-3).any()  # the truncation really moved some ratios
+    full = run(dense, tok, prompts, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ratio = torch.exp(response_logprobs(dense, full) - full.behav_logp)
+    torch.testing.assert_close(ratio[full.response_mask.bool()], torch.ones(int(full.response_mask.sum())),
+                               atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------ log-probs
@@ -182,7 +219,8 @@ def test_recomputed_logprobs_equal_behaviour_logprobs(arch, temperature, request
             generator=torch.Generator().manual_seed(5))
     assert r.lengths.min() < r.response_ids.shape[1]  # some rows stopped early
     logp = response_logprobs(LogitBias(model, tok.eos_token_id, 1.5), r, temperature=temperature)
-    torch.testing.assert_close(logp, r.behav_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logp, r.policy_logp, atol=1e-5, rtol=0)  # the untruncated policy (top_p < 1)
+    torch.testing.assert_close(r.behav_logp, r.policy_logp - r.nucleus_log_mass, atol=0, rtol=0)
     # and both agree with a padding-free forward, row by row
     for i, ref in enumerate(unpadded_logprobs(LogitBias(model, tok.eos_token_id, 1.5), r, temperature)):
         torch.testing.assert_close(logp[i, : len(ref)].double(), ref, atol=1e-5, rtol=0)
@@ -256,6 +294,13 @@ def test_select_and_cat(dense, tok):
     assert (first.version[:, ta:] == -1).all() and torch.equal(both.select(slice(2, 4)).version, b.version)
     # re-padding keeps the recomputed log-probs unchanged
     torch.testing.assert_close(response_logprobs(dense, both).detach(), both.behav_logp, atol=1e-5, rtol=0)
+    # policy_logp follows behav_logp through cat and select, under truncation too
+    c = run(dense, tok, encode_prompts(tok, ["12+34="]), num_samples=2, max_new_tokens=4, top_p=0.6,
+            generator=torch.Generator().manual_seed(0))
+    mixed = Rollout.cat([a, c])
+    assert torch.equal(mixed.select([2, 3]).policy_logp[:, : c.response_ids.shape[1]], c.policy_logp)
+    assert torch.equal(mixed.select([0, 1]).nucleus_log_mass, torch.zeros_like(mixed.select([0, 1]).behav_logp))
+    torch.testing.assert_close(response_logprobs(dense, mixed).detach(), mixed.policy_logp, atol=1e-5, rtol=0)
     assert both.to("cpu").response_ids is not None and len(both) == 4
 
 
