@@ -6,6 +6,8 @@ Every ``TrainConfig`` field is an option of ``xxpo train`` (``--help`` prints ea
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "method's preset (the paper's setting, scaled down) or the suite default.")
     tr.add_argument("--out", required=True, help="output directory for metrics.csv, summary.json and checkpoints")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
+    tr.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
+                    help="import a Python module or .py file first, e.g. one that defines a method with "
+                         "xxpo.presets.register (repeatable)")
     for name, type_str, default, help_text in config_fields():
         tr.add_argument(f"--{name.replace('_', '-')}", dest=name, type=_parse_value(type_str), default=argparse.SUPPRESS,
                         help=f"{help_text} (default: {'preset' if default is None else default})")
@@ -60,13 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from xxpo.train import PREFERENCE_METHODS, train
+def import_user_code(spec: str) -> None:
+    """Import a module by dotted name, or a ``.py`` file by path (for methods defined outside xxpo)."""
+    if spec.endswith(".py"):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"--import: no such file {spec!r}")
+        module_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            importlib.import_module(spec)
+        except ImportError as err:
+            raise ValueError(f"--import: cannot import {spec!r}: {err}") from err
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume")}
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from xxpo.presets import PRESETS
+    from xxpo.train import train
+
+    for spec in args.imports:
+        import_user_code(spec)
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "imports")}
     method = overrides.pop("method", "grpo")
     config = TrainConfig.from_preset(method, **overrides)
-    if config.method in PREFERENCE_METHODS:
+    if PRESETS[config.method].is_preference:
         from xxpo.train.preference import train_preference
 
         result = train_preference(config, args.out, resume=args.resume)

@@ -62,6 +62,8 @@ def test_killed_run_resumes_to_the_same_metrics(base, tmp_path, method):
         train(config, tmp_path / "resumed", callback=kill_after_step_2)
     assert (tmp_path / "resumed" / "checkpoint.pt").is_file()
     assert not (tmp_path / "resumed" / "metrics.csv").exists()
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)  # no pickled objects
+    assert state["step"] == 1 and state["prompt_rng"]["internal"].dtype == torch.int64
     resumed = train(config, tmp_path / "resumed", resume=True)
     pd.testing.assert_frame_equal(comparable(full.metrics), comparable(resumed.metrics))
     on_disk = pd.read_csv(tmp_path / "resumed" / "metrics.csv")
@@ -176,5 +178,6 @@ def test_preset_values_flow_into_the_config():
     assert gspo.preset_value("clip_eps_low") == 3e-4 and gspo.preset_value("clip_eps_high") == 4e-4
     assert gspo.minibatches == 4
     assert TrainConfig.from_preset("sppo_seq").group_size == 1
-    assert TrainConfig.from_preset("dapo").preset_value("filter_zero_std_groups") is True
+    dapo = TrainConfig.from_preset("dapo")
+    assert dapo.preset_value("dynamic_sampling") is True and dapo.preset_value("overlong_buffer") == 0.2
     assert TrainConfig.from_preset("grpo", clip_eps_low=0.1).preset_value("clip_eps_low") == 0.1

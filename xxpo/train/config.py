@@ -11,11 +11,13 @@ import math
 from dataclasses import dataclass, field, fields
 
 from xxpo.functional import ADV_NORMS, KL_ESTIMATORS, LOSS_AGG_MODES
-from xxpo.presets import PRESETS, get_preset
+from xxpo.presets import PRESETS, PROXIMALS, get_preset, policy_methods, preference_methods
 from xxpo.tasks import DEFAULT_TASK
 
-POLICY_METHODS = ("ppo", "trpo", "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo", "decoupled_ppo", "a3po", "sppo_seq")
-PREFERENCE_METHODS = ("dpo", "ipo", "sppo_selfplay")
+POLICY_METHODS = policy_methods()
+"""The built-in methods trained by the RL loop (a snapshot; methods registered later are in PRESETS)."""
+PREFERENCE_METHODS = preference_methods()
+"""The built-in preference methods (a snapshot, as ``POLICY_METHODS``)."""
 
 
 def _f(default, help: str, **kw):
@@ -25,7 +27,7 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     # what to train
-    method: str = _f("grpo", "Method name (xxpo.presets): " + ", ".join(POLICY_METHODS + PREFERENCE_METHODS))
+    method: str = _f("grpo", "Method name, a key of xxpo.presets.PRESETS: " + ", ".join(PRESETS))
     task: str = _f(DEFAULT_TASK, "Task name (xxpo.tasks.TASKS)")
     model: str = _f("tiny", "Model preset (xxpo.models.MODEL_PRESETS) or a local Hugging Face model directory")
     seed: int = _f(0, "Seed for model init, sampling and minibatch order; same config + seed = same metrics")
@@ -56,7 +58,12 @@ class TrainConfig:
     kl_estimator: str = _f("k3", "KL estimator for the loss (k1, k2, k3)")
     tau_pos: float = _f(1.0, "SAPO gate temperature for positive advantages")
     tau_neg: float = _f(1.05, "SAPO gate temperature for negative advantages")
-    filter_zero_std_groups: bool | None = _f(None, "Drop groups whose rewards are all equal (DAPO dynamic sampling, no resampling)")
+    dynamic_sampling: bool | None = _f(None, "DAPO dynamic sampling: keep only groups whose rewards differ, sampling more "
+                                       "prompts until prompts_per_step such groups exist (None: the preset's)")
+    max_sampling_rounds: int | None = _f(None, "Dynamic sampling: at most this many rollouts per step; after the last one "
+                                          "the step trains on the informative groups it has (None: the preset's, else 10)")
+    overlong_buffer: float | None = _f(None, "DAPO soft overlong punishment: the last fraction of max_new_tokens over which "
+                                       "the reward falls linearly to -1 (None: the preset's, else off)")
     # critics
     gamma: float = _f(1.0, "GAE discount")
     lam: float = _f(0.95, "GAE lambda")
@@ -67,7 +74,10 @@ class TrainConfig:
     # asynchrony
     staleness: int = _f(0, "eta: rollouts may come from policies up to this many versions old (0 = synchronous)")
     staleness_mode: str = _f("max", "'max': always eta versions old; 'uniform': a random lag in [0, eta] per step")
-    prox: str = _f("recompute", "Decoupled PPO's pi_prox: 'recompute' (extra forward) or 'loglinear' (A-3PO)")
+    prox: str | None = _f(None, "Proximal policy of decoupled methods: 'recompute' (extra forward) or 'loglinear' "
+                          "(A-3PO's interpolation) (None: the method's)")
+    prox_error: bool = _f(False, "Log prox_abs_err, mean |log pi_prox(loglinear) - log pi_prox(recompute)| per token "
+                          "(costs the recompute forward)")
     behav_weight_cap: float | None = _f(None, "Cap on pi_prox / pi_behav (None = no cap)")
     # preference methods
     dpo_beta: float = _f(0.1, "DPO temperature beta (not GRPO's kl_coef)")
@@ -78,6 +88,8 @@ class TrainConfig:
     eval_every: int = _f(10, "Held-out evaluation every k steps (and at the start and the end)")
     eval_n: int = _f(200, "Held-out examples per evaluation (a fixed subset)")
     track_routing: bool = _f(False, "MoE only: fraction of routing decisions that change per update")
+    routing_replay: bool = _f(False, "MoE only: Routing Replay, the training forwards reuse the experts the behaviour "
+                              "policy chose for each token (GSPO paper, Sec. 4.2)")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every k steps into out_dir (0 = never)")
     progress: bool = _f(True, "Show a tqdm progress bar")
 
@@ -92,20 +104,20 @@ class TrainConfig:
         one response per prompt (PPO, TRPO, sequence-level PPO) get ``group_size`` times more prompts
         (16 x 8 = 128), so that comparisons across methods are at equal sample budget.
         """
-        name = "dpo" if method == "ipo" else method
-        preset = get_preset(name)
+        preset = get_preset(method)
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in preset.hparams.items() if k in known}
-        if preset.samples_per_prompt == 1 and name not in PREFERENCE_METHODS:
+        if preset.samples_per_prompt == 1 and not preset.is_preference:
             values["group_size"] = 1
             values["prompts_per_step"] = cls.prompts_per_step * cls.group_size
         values.update(overrides)
         return cls(method=method, **values)
 
     def validate(self) -> None:
-        methods = POLICY_METHODS + PREFERENCE_METHODS
-        if self.method not in methods:
-            raise ValueError(f"method must be one of {methods}, got {self.method!r}")
+        if self.method not in PRESETS:
+            raise ValueError(f"method must be one of {tuple(PRESETS)} (or registered with xxpo.presets.register), "
+                             f"got {self.method!r}")
+        preset = PRESETS[self.method]
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -138,8 +150,23 @@ class TrainConfig:
             raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {self.kl_estimator!r}")
         if self.staleness_mode not in ("max", "uniform"):
             raise ValueError(f"staleness_mode must be 'max' or 'uniform', got {self.staleness_mode!r}")
-        if self.prox not in ("recompute", "loglinear"):
-            raise ValueError(f"prox must be 'recompute' or 'loglinear', got {self.prox!r}")
+        if self.prox is not None:
+            if self.prox not in PROXIMALS[1:]:
+                raise ValueError(f"prox must be one of {PROXIMALS[1:]} or None, got {self.prox!r}")
+            if preset.proximal == "none":
+                raise ValueError(f"prox applies to methods with a proximal policy; {self.method} has none")
+        if self.prox_error and self.preset_value("prox") != "loglinear":
+            raise ValueError("prox_error measures the loglinear approximation: it needs a method with prox='loglinear'")
+        if self.max_sampling_rounds is not None and (isinstance(self.max_sampling_rounds, bool)
+                                                     or not isinstance(self.max_sampling_rounds, int) or self.max_sampling_rounds < 1):
+            raise ValueError(f"max_sampling_rounds must be a positive integer or None, got {self.max_sampling_rounds!r}")
+        if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= 1:
+            raise ValueError(f"overlong_buffer must be a fraction in (0, 1] or None, got {self.overlong_buffer}")
+        if self.preset_value("dynamic_sampling", False) and self.group_size < 2:
+            raise ValueError("dynamic_sampling needs group_size >= 2 (it keeps groups whose rewards differ)")
+        kl_coef = self.preset_value("kl_coef", 0.0)
+        if kl_coef and "kl_coef" not in preset.objective_args and preset.reference != "KL in reward":
+            raise ValueError(f"kl_coef must be 0 for {self.method}: its objective has no KL term and its reward none")
         for name in ("clip_eps_low", "clip_eps_high", "kl_coef", "grad_clip", "value_clip_eps"):
             value = getattr(self, name)
             if value is not None and value < 0:
@@ -150,18 +177,35 @@ class TrainConfig:
             raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
         if self.behav_weight_cap is not None and self.behav_weight_cap < 1:
             raise ValueError(f"behav_weight_cap must be >= 1, got {self.behav_weight_cap}")
-        if self.method in ("grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo") and self.group_size < 2:
+        if preset.advantage == "group" and self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for {self.method} (group-relative advantages)")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("minibatches must divide prompts_per_step * group_size")
 
     def preset_value(self, name: str, default=None):
-        """The field if set, else the method's preset value, else ``default``."""
-        value = getattr(self, name)
+        """The config field if set, else the method's preset (its hyper-parameters, then its description's
+        field of that name, e.g. ``loss_agg_mode`` or ``prox``), else ``default``."""
+        value = getattr(self, name, None)
         if value is not None:
             return value
-        preset = PRESETS["dpo" if self.method == "ipo" else self.method]
-        return preset.hparams.get(name, default)
+        preset = PRESETS[self.method]
+        if name in preset.hparams:
+            return preset.hparams[name]
+        attr = {"prox": "proximal"}.get(name, name)
+        value = getattr(preset, attr, None) if attr in {f.name for f in fields(preset)} else None
+        return default if value in (None, "-", "none") else value
+
+    def objective_kwargs(self, provided: dict | None = None) -> dict:
+        """Keyword arguments of the method's objective: each name in its description's ``objective_args``,
+        taken from ``provided`` (what the trainer computes, e.g. ``ref_logp``, ``norm_len``) or else from
+        :meth:`preset_value`. Names that resolve to None are left out, so the objective's default applies."""
+        provided = provided or {}
+        kwargs = {}
+        for name in PRESETS[self.method].objective_args:
+            value = provided[name] if name in provided else self.preset_value(name)
+            if value is not None:
+                kwargs[name] = value
+        return kwargs
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,4 +1,4 @@
-"""ONE training loop for every policy-gradient method in xxpo.
+"""ONE training loop for every policy-gradient method of xxpo.
 
     for step in range(steps):
         rollout   = sample G responses for each of P prompts      (from a policy <= eta versions old)
@@ -11,14 +11,17 @@
             step the optimizer (and the critic, if any)
         publish the new weights as version step + 1
 
-Methods differ only in data: which objective, which advantage estimator, whether there is a critic,
-a reference, stale data. TRPO replaces the optimizer step with ``trpo_step``. Everything a step
+Methods differ only in data, their description in ``xxpo.presets``: which objective and which of its
+arguments come from the config, which advantage estimator, whether there is a critic, a reference, a
+proximal policy, dynamic sampling; the loop never looks at a method's name. TRPO's description replaces
+the optimizer step with ``trpo_step``. Everything a step
 measures is one row of the metrics DataFrame; what surrounds the step (resume, evaluation cadence,
 checkpoints, result files) is :class:`xxpo.train.run.Run`, shared with the preference trainer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -42,7 +45,8 @@ from xxpo.functional import (
 from xxpo.models import PromptValueModel, ValueModel, resolve_device, routing_decisions
 from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logits, response_logprobs, token_logprobs
 from xxpo.tasks import encode_prompts, get_task
-from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
+from xxpo.presets import PRESETS
+from xxpo.train.config import TrainConfig
 from xxpo.train.evaluate import evaluate
 from xxpo.train.run import Run, RunResult, load_start
 
@@ -64,96 +68,100 @@ def routing_change(model, rollout: Rollout, before: torch.Tensor) -> float:
 
 
 class Trainer(Run):
-    """Holds the state of one run; ``run()`` executes it. Use :func:`train` unless you need the parts."""
+    """Holds the state of one run; ``run()`` executes it. Use :func:`train` unless you need the parts.
+
+    Everything method-specific comes from the method's description, ``xxpo.presets.PRESETS[config.method]``:
+    its objective and the config fields that become its arguments, its advantage estimator, its critic, how
+    the reference enters, its proximal policy and its update rule.
+    """
 
     stateful = ("policy", "optimizer", "critic", "critic_optimizer")
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, callback=None):
-        if config.method in PREFERENCE_METHODS:
+        self.preset = PRESETS[config.method]
+        if self.preset.is_preference:
             raise ValueError(f"method {config.method!r} is a preference method: use xxpo.train.train_preference")
         super().__init__(config, out_dir, callback)
-        self.device = resolve_device(config.device)
-        self.task = get_task(config.task)
-        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
-        torch.manual_seed(config.seed)
-        self.policy, self.reference, self.tokenizer, self.base_info = load_start(config, self.device)
+        c = config
+        self.device = resolve_device(c.device)
+        self.task = get_task(c.task)
+        self.max_new_tokens = c.max_new_tokens or self.task.max_new_tokens
+        torch.manual_seed(c.seed)
+        self.policy, self.reference, self.tokenizer, self.base_info = load_start(c, self.device)
         self.is_moe = "moe" in type(self.policy).__name__.lower()
-        self.loss_fn = objectives.get(config.method)
+        if c.routing_replay and not self.is_moe:
+            raise ValueError("routing_replay needs a mixture-of-experts model (e.g. model='tiny-moe')")
+        self.loss_fn = self.preset.objective_fn
         self.optimizer = None
-        if config.method != "trpo":
-            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+        if self.preset.update == "gradient":
+            self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=c.lr, weight_decay=c.weight_decay,
                                                foreach=True)  # one fused pass over all tensors (the CPU default loops)
-        self.critic = None
-        if config.method in ("ppo", "trpo"):
-            self.critic = ValueModel.from_policy(self.policy, seed=config.seed).to(self.device)
-        elif config.method == "sppo_seq":
-            self.critic = PromptValueModel.from_policy(self.policy, seed=config.seed).to(self.device)
+        critic_class = {"token": ValueModel, "prompt": PromptValueModel}.get(self.preset.critic)
+        self.critic = critic_class.from_policy(self.policy, seed=c.seed).to(self.device) if critic_class else None
         self.critic_optimizer = (
-            torch.optim.AdamW(self.critic.parameters(), lr=config.critic_lr) if self.critic is not None else None
+            torch.optim.AdamW(self.critic.parameters(), lr=c.critic_lr) if self.critic is not None else None
         )
-        self.sample_gen = torch.Generator().manual_seed(config.seed)
-        self.shuffle_gen = torch.Generator().manual_seed(config.seed + 1)
-        self.lag_gen = torch.Generator().manual_seed(config.seed + 2)
-        self.prompt_rng = random.Random(config.seed)
+        self.prox = c.preset_value("prox")  # None, "recompute" or "loglinear"
+        self.kl_coef = c.preset_value("kl_coef", 0.0)
+        self.dynamic_sampling = bool(c.preset_value("dynamic_sampling", False))
+        self.max_sampling_rounds = c.preset_value("max_sampling_rounds", 10)
+        buffer = c.preset_value("overlong_buffer")
+        self.overlong_cache = None if buffer is None else max(1, round(buffer * self.max_new_tokens))  # DAPO's L_cache
+        self.sample_gen = torch.Generator().manual_seed(c.seed)
+        self.shuffle_gen = torch.Generator().manual_seed(c.seed + 1)
+        self.lag_gen = torch.Generator().manual_seed(c.seed + 2)
+        self.prompt_rng = random.Random(c.seed)
         self.generators = (self.sample_gen, self.shuffle_gen, self.lag_gen)
-        self.lagged = LaggedPolicy(self.policy, eta=config.staleness, mode=config.staleness_mode, generator=self.lag_gen)
+        self.lagged = LaggedPolicy(self.policy, eta=c.staleness, mode=c.staleness_mode, generator=self.lag_gen)
         self.train_examples = self.task.split("train")
 
     # -------------------------------------------------------------- one step
     def advantages(self, rollout: Rollout, rewards: torch.Tensor):
-        """(B,) or (B, T) advantages, and extra tensors the critic update needs."""
-        c, method = self.config, self.config.method
-        if method in ("ppo", "trpo"):
+        """(B,) or (B, T) advantages from the method's estimator, and extra tensors the critic update needs."""
+        c, kind = self.config, self.preset.advantage
+        if kind == "gae":
             with torch.no_grad():
                 values = self.critic(rollout.input_ids, rollout.attention_mask)  # (B, P+T)
             p = rollout.prompt_ids.shape[1]
             values = values[:, p - 1 : -1]  # (B, T): V(state before token t)
-            kl = None if self.ref_logp is None else rollout.behav_logp - self.ref_logp  # (B, T), k1 in the reward
-            token_rewards = token_rewards_from_outcome(rewards, rollout.response_mask, kl, c.preset_value("kl_coef", 0.0))
+            kl_coef = self.kl_coef if self.preset.reference == "KL in reward" else 0.0
+            kl = None if self.ref_logp is None or not kl_coef else rollout.behav_logp - self.ref_logp  # (B, T), k1
+            token_rewards = token_rewards_from_outcome(rewards, rollout.response_mask, kl, kl_coef)
             adv, returns = gae(token_rewards, values, rollout.response_mask, c.gamma, c.lam)
             return batch_whiten(adv, rollout.response_mask), {"values": values, "returns": returns}
-        if method == "sppo_seq":
+        if kind == "seq_value":
             with torch.no_grad():
                 value_logits = self.critic(rollout.prompt_ids, rollout.prompt_mask)  # (B,)
             return sequence_value_advantages(rewards, torch.sigmoid(value_logits)), {}
-        adv_norm = c.preset_value("adv_norm", "group")
-        return group_advantages(rewards, c.group_size, adv_norm=adv_norm, eps=c.adv_eps), {}
+        if kind == "group":
+            return group_advantages(rewards, c.group_size, adv_norm=c.preset_value("adv_norm", "group"), eps=c.adv_eps), {}
+        raise ValueError(f"advantage estimator {kind!r} of method {c.method!r} is not one the RL loop has")
 
     def objective(self, mb: Rollout, logp, adv, extra, step: int):
-        c, m = self.config, mb.response_mask
-        old = mb.behav_logp
-        clip = dict(clip_eps_low=c.preset_value("clip_eps_low", 0.2), clip_eps_high=c.preset_value("clip_eps_high"))
-        agg = c.loss_agg_mode
-        method = c.method
-        if method in ("grpo", "dr_grpo", "dapo"):
-            kw = dict(clip, ref_logp=extra.get("ref_logp"), kl_coef=c.preset_value("kl_coef", 0.0), kl_estimator=c.kl_estimator)
-            if method == "dr_grpo":
-                return self.loss_fn(logp, old, adv, m, norm_len=self.max_new_tokens, **kw)
-            kw.update(dual_clip_c=c.dual_clip_c, norm_len=self.max_new_tokens)
-            return self.loss_fn(logp, old, adv, m, **kw, **({"loss_agg_mode": agg} if agg else {}))
-        if method in ("gspo", "gspo_token"):
-            return self.loss_fn(logp, old, adv, m, **clip)
-        if method == "sapo":
-            return self.loss_fn(logp, old, adv, m, tau_pos=c.tau_pos, tau_neg=c.tau_neg, **({"loss_agg_mode": agg} if agg else {}))
-        if method in ("decoupled_ppo", "a3po"):
-            kw = dict(clip, behav_weight_cap=c.behav_weight_cap, **({"loss_agg_mode": agg} if agg else {}))
-            prox = extra.get("prox_logp")
-            if method == "a3po" or c.prox == "loglinear":
-                t0 = time.perf_counter()
-                staleness = (step - mb.version).clamp(min=0)  # (B, T) policy versions behind the learner
-                prox = objectives.a3po_prox_logp(old, logp, staleness)  # no forward pass
-                self.prox_seconds += time.perf_counter() - t0
-            return objectives.decoupled_ppo_loss(logp, old, prox, adv, m, **kw)
-        # ppo, sppo_seq
-        return self.loss_fn(logp, old, adv, m, **clip, **({"dual_clip_c": c.dual_clip_c} if method == "ppo" else {}),
-                            **({"loss_agg_mode": agg} if agg else {}))
+        """The method's loss on one minibatch: its ``inputs`` positionally, its ``objective_args`` by keyword."""
+        tensors = {"logp": logp, "old_logp": mb.behav_logp, "advantages": adv, "mask": mb.response_mask}
+        metrics = {}
+        if self.prox == "loglinear":
+            t0 = time.perf_counter()
+            staleness = (step - mb.version).clamp(min=0)  # (B, T) policy versions behind the learner
+            tensors["prox_logp"] = objectives.a3po_prox_logp(mb.behav_logp, logp, staleness)  # no forward pass
+            self.prox_seconds += time.perf_counter() - t0
+            if "prox_recomputed" in extra:  # how far the interpolation is from the recomputed pi_prox
+                err = (tensors["prox_logp"] - extra["prox_recomputed"]).abs()  # (B, T)
+                metrics["prox_abs_err"] = float(masked_mean(err, mb.response_mask))
+        elif self.prox == "recompute":
+            tensors["prox_logp"] = extra["prox_logp"]
+        kwargs = self.config.objective_kwargs({"ref_logp": extra.get("ref_logp"), "norm_len": self.max_new_tokens})
+        out = self.loss_fn(*(tensors[name] for name in self.preset.inputs), **kwargs)
+        out.metrics.update(metrics)
+        return out
 
     def critic_step(self, mb: Rollout, rewards_mb, extra_mb) -> dict:
         c = self.config
-        if self.config.method in ("ppo", "trpo"):
+        if self.preset.critic == "token":
             values = self.critic(mb.input_ids, mb.attention_mask)[:, mb.prompt_ids.shape[1] - 1 : -1]  # (b, T)
             out = objectives.value_loss(values, extra_mb["values"], extra_mb["returns"], mb.response_mask, clip_eps=c.value_clip_eps)
-        else:  # sppo_seq
+        else:  # "prompt"
             out = objectives.sequence_value_loss(self.critic(mb.prompt_ids, mb.prompt_mask), rewards_mb)
         self.critic_optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -180,40 +188,97 @@ class Trainer(Run):
 
         # Hessian-vector products need a double backward, which only the math SDPA kernel implements on CPU.
         with sdpa_kernel(SDPBackend.MATH):
-            out = objectives.trpo_step(params, surrogate, kl, max_kl=c.max_kl)
+            out = self.loss_fn(params, surrogate, kl, **self.config.objective_kwargs())
         return {k: float(v) for k, v in out.metrics.items()}
 
-    def step(self, step: int) -> dict:
+    def sample_round(self, step: int) -> tuple[list, Rollout, torch.Tensor, torch.Tensor]:
+        """One rollout of ``prompts_per_step`` fresh prompts x G: (examples per row, rollout, rewards (B,), correct (B,))."""
         c = self.config
-        row: dict = {"step": step}
-        examples = [self.train_examples[i] for i in self.prompt_rng.sample(range(len(self.train_examples)), c.prompts_per_step)]
+        picks = self.prompt_rng.sample(range(len(self.train_examples)), c.prompts_per_step)
+        examples = [self.train_examples[i] for i in picks]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])
-
-        t0 = time.perf_counter()
         rollout = self.lagged.sample(
             step, prompt_ids.to(self.device), prompt_mask.to(self.device), num_samples=c.group_size,
             max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, temperature=c.temperature, top_p=c.top_p, generator=self.sample_gen,
         )
-        row["time_rollout"] = time.perf_counter() - t0
         texts = decode_responses(self.tokenizer, rollout)
-        groups = [examples[i] for i in rollout.prompt_index.tolist()]
-        rewards = torch.tensor([self.task.reward(ex, y) for ex, y in zip(groups, texts)], device=self.device)  # (B,)
-        correct = torch.tensor([self.task.is_correct(ex, y) for ex, y in zip(groups, texts)], device=self.device)
-        lengths = rollout.lengths.float()
+        rows = [examples[i] for i in rollout.prompt_index.tolist()]
+        rewards = torch.tensor([self.task.reward(ex, y) for ex, y in zip(rows, texts)], device=self.device)  # (B,)
+        correct = torch.tensor([self.task.is_correct(ex, y) for ex, y in zip(rows, texts)], device=self.device)
+        if self.overlong_cache is not None:  # DAPO's soft overlong punishment is part of the reward (Sec. 3.4)
+            rewards = rewards + objectives.overlong_penalty(rollout.lengths, self.max_new_tokens, self.overlong_cache)
+        return rows, rollout, rewards, correct
+
+    def collect(self, step: int, row: dict) -> tuple[Rollout, torch.Tensor]:
+        """The step's training batch (rollout, rewards), and its sampling metrics in ``row``.
+
+        With dynamic sampling (DAPO, Sec. 3.2) only groups whose answers are neither all correct nor all
+        wrong are kept, and further rollouts of fresh prompts are drawn until ``prompts_per_step`` such
+        groups exist or ``max_sampling_rounds`` rollouts were made; extra groups are dropped, and after the
+        last round the step trains on the informative groups it has (possibly fewer, possibly none).
+        """
+        c, g = self.config, self.config.group_size
+        kept, all_rewards, all_correct, all_lengths, rounds = [], [], [], [], 0
+        n_groups = 0
+        while True:
+            rounds += 1
+            _, rollout, rewards, correct = self.sample_round(step)
+            all_rewards.append(rewards), all_correct.append(correct), all_lengths.append(rollout.lengths)
+            if not self.dynamic_sampling:
+                kept.append((rollout, rewards))
+                break
+            hits = correct.reshape(-1, g).sum(-1)  # (n,) correct answers per group
+            informative = ((hits > 0) & (hits < g)).nonzero().squeeze(-1)[: c.prompts_per_step - n_groups]  # (k,)
+            if len(informative):
+                rows = (informative.unsqueeze(-1) * g + torch.arange(g, device=informative.device)).reshape(-1)
+                kept.append((rollout.select(rows), rewards[rows]))
+                n_groups += len(informative)
+            if n_groups >= c.prompts_per_step or rounds >= self.max_sampling_rounds:
+                break
+        rewards, correct, lengths = torch.cat(all_rewards), torch.cat(all_correct), torch.cat(all_lengths).float()
+        grouped = rewards.reshape(-1, g)
         row.update(
             reward_mean=float(rewards.mean()),
             train_accuracy=float(correct.float().mean()),
             response_length=float(lengths.mean()),
             length_correct=float(lengths[correct].mean()) if bool(correct.any()) else math.nan,
             length_incorrect=float(lengths[~correct].mean()) if bool((~correct).any()) else math.nan,
-            staleness_mean=float(masked_mean((step - rollout.version).float(), rollout.response_mask)),
-            tokens_per_second=float(rollout.response_mask.sum()) / max(row["time_rollout"], 1e-9),
+            frac_truncated=float((lengths >= self.max_new_tokens).float().mean()),
+            frac_zero_std_groups=float((grouped.amax(-1) == grouped.amin(-1)).float().mean()) if g > 1 else math.nan,
+            rollouts=rounds,
+            samples_generated=len(rewards),
         )
+        if self.overlong_cache is not None:
+            row["frac_overlong_penalized"] = float((lengths > self.max_new_tokens - self.overlong_cache).float().mean())
+        if not kept:  # dynamic sampling found no informative group within its budget
+            row["groups_trained"] = 0
+            return None, None
+        if len(kept) == 1:
+            rollout, rewards = kept[0]
+        else:  # rows stay group by group; each part numbered its own prompts, so number the groups afresh
+            rollout = Rollout.cat([r for r, _ in kept])
+            n = len(rollout) // g
+            rollout = dataclasses.replace(rollout, prompt_index=torch.arange(n, device=rollout.prompt_index.device).repeat_interleave(g))
+            rewards = torch.cat([w for _, w in kept])
+        row["groups_trained"] = len(rollout) // g
+        return rollout, rewards
+
+    def step(self, step: int) -> dict:
+        c = self.config
+        row: dict = {"step": step}
+        t0 = time.perf_counter()
+        rollout, rewards = self.collect(step, row)
+        row["time_rollout"] = time.perf_counter() - t0
+        if rollout is None:  # nothing to learn from this step; the policy version still advances
+            self.lagged.publish(self.policy, step + 1)
+            return row
+        row["staleness_mean"] = float(masked_mean((step - rollout.version).float(), rollout.response_mask))
+        row["tokens_per_second"] = float(rollout.response_mask.sum()) / max(row["time_rollout"], 1e-9)
         # The reference forward costs ~15% of a step: run it when the loss or the reward needs it, and on
         # evaluation steps so that kl_ref (a k1 estimate of KL(pi || pi_ref)) is logged at that cadence.
         self.ref_logp, t0 = None, time.perf_counter()
-        if c.preset_value("kl_coef", 0.0) > 0 or step == 0 or (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
+        if self.kl_coef > 0 or step == 0 or (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
             with torch.no_grad():
                 self.ref_logp = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask,
                                                rollout.response_ids, rollout.response_mask, temperature=c.temperature)
@@ -222,33 +287,23 @@ class Trainer(Run):
                          else float(masked_mean(rollout.behav_logp - self.ref_logp, rollout.response_mask)))
 
         adv, extra = self.advantages(rollout, rewards)  # (B,) or (B, T)
-        if c.group_size > 1:
-            grouped = rewards.reshape(-1, c.group_size)
-            zero_std = (grouped.amax(-1) == grouped.amin(-1))  # (n,)
-            row["frac_zero_std_groups"] = float(zero_std.float().mean())
-            if c.preset_value("filter_zero_std_groups", False):
-                keep = (~zero_std).repeat_interleave(c.group_size).nonzero().squeeze(-1)
-                rollout, adv, rewards = rollout.select(keep), adv[keep], rewards[keep]
-                self.ref_logp = None if self.ref_logp is None else self.ref_logp[keep]
-                extra = {k: v[keep] for k, v in extra.items()}
         if self.ref_logp is not None:
             extra["ref_logp"] = self.ref_logp
 
         t0 = time.perf_counter()
-        if c.method == "decoupled_ppo" and c.prox == "recompute" and len(rollout):
-            with torch.no_grad():
-                extra["prox_logp"] = response_logprobs(self.policy, rollout, c.temperature)  # one extra forward
-        self.prox_seconds = time.perf_counter() - t0
+        if self.prox == "recompute" or c.prox_error:
+            with torch.no_grad():  # pi_prox = the policy at the start of this update: one extra forward
+                prox = response_logprobs(self.policy, rollout, c.temperature)  # (B, T)
+            extra["prox_logp" if self.prox == "recompute" else "prox_recomputed"] = prox
+        self.prox_seconds = time.perf_counter() - t0 if self.prox == "recompute" else 0.0
 
         routing_before = None
-        if c.track_routing and self.is_moe and len(rollout):
+        if c.track_routing and self.is_moe:
             routing_before = routing_decisions(self.policy, rollout.input_ids, rollout.attention_mask)
 
         t0 = time.perf_counter()
         mb_metrics: list[dict] = []
-        if len(rollout) == 0:
-            pass
-        elif c.method == "trpo":
+        if self.preset.update == "trpo":
             mb_metrics.append(self.trpo_update(rollout, adv if adv.dim() == 2 else adv.unsqueeze(-1)))
             mb_metrics[-1].update(self.critic_step(rollout, rewards, extra))
         else:

@@ -72,13 +72,13 @@ import time
 import pandas as pd
 import torch
 
-from xxpo import objectives
 from xxpo.functional import masked_mean, masked_sum
 from xxpo.models import resolve_device
+from xxpo.presets import PRESETS
 from xxpo.rollout import decode_responses, response_logprobs, sample, token_logprobs
 from xxpo.tasks import encode_prompts, get_task, preference_pairs, preference_prob
 from xxpo.tasks.base import Example, Task
-from xxpo.train.config import PREFERENCE_METHODS, TrainConfig
+from xxpo.train.config import TrainConfig
 from xxpo.train.evaluate import fixed_subset, greedy_decode, score_responses
 from xxpo.train.run import Run, RunResult, load_start
 
@@ -153,12 +153,14 @@ class PreferenceTrainer(Run):
     postfix_key = "loss"
 
     def __init__(self, config: TrainConfig, out_dir: str | os.PathLike | None = None, callback=None):
-        if config.method not in PREFERENCE_METHODS:
-            raise ValueError(f"method must be one of {PREFERENCE_METHODS} for train_preference, got {config.method!r} "
-                             "(policy-gradient methods train with xxpo.train.train)")
-        if config.method == "sppo_selfplay" and config.steps < config.iterations:
-            raise ValueError(f"steps must be >= iterations for sppo_selfplay, got steps={config.steps}, "
+        self.preset = PRESETS[config.method]
+        if not self.preset.is_preference:
+            raise ValueError(f"method {config.method!r} is a policy-gradient method: train it with xxpo.train.train")
+        self.self_play = self.preset.update == "self_play"
+        if self.self_play and config.steps < config.iterations:
+            raise ValueError(f"steps must be >= iterations for {config.method}, got steps={config.steps}, "
                              f"iterations={config.iterations}")
+        self.loss_fn, self.loss_kwargs = self.preset.objective_fn, config.objective_kwargs()
         super().__init__(config, out_dir, callback)
         self.device = resolve_device(config.device)
         self.task = get_task(config.task)
@@ -175,7 +177,7 @@ class PreferenceTrainer(Run):
         self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples, max_new_tokens=self.max_new_tokens)
         self.anchor = None  # SPPO's pi_t
         self.data_info: dict = {}
-        if config.method in ("dpo", "ipo"):
+        if not self.self_play:  # offline pairs, mined once
             self.pairs = self.mine_pairs()
             n, shuffle_gen = len(self.pairs["ref_chosen"]), torch.Generator().manual_seed(config.seed)
             passes = math.ceil(config.steps * config.prompts_per_step / n)
@@ -238,7 +240,7 @@ class PreferenceTrainer(Run):
 
     # -------------------------------------------------------------- one step
     def step(self, step: int) -> dict:
-        return self.sppo_step(step) if self.config.method == "sppo_selfplay" else self.dpo_step(step)
+        return self.sppo_step(step) if self.self_play else self.dpo_step(step)
 
     def optimize(self, loss: torch.Tensor) -> float:
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,9 +267,7 @@ class PreferenceTrainer(Run):
             torch.cat([data["chosen_mask"][idx], data["rejected_mask"][idx]]),  # (2b, T)
             c.temperature,
         )  # (2b,): chosen rows, then rejected rows
-        out = objectives.dpo_loss(logp[:b], logp[b:], data["ref_chosen"][idx], data["ref_rejected"][idx],
-                                  dpo_beta=c.dpo_beta, variant="ipo" if c.method == "ipo" else "sigmoid",
-                                  label_smoothing=c.label_smoothing)
+        out = self.loss_fn(logp[:b], logp[b:], data["ref_chosen"][idx], data["ref_rejected"][idx], **self.loss_kwargs)
         row["grad_norm"] = self.optimize(out.loss)
         row["time_update"] = time.perf_counter() - t0
         row.update(loss=out.loss.item(), logp_chosen=logp[:b].mean().item(), logp_rejected=logp[b:].mean().item(),
@@ -312,7 +312,7 @@ class PreferenceTrainer(Run):
         ref_seq = masked_sum(rollout.behav_logp, rollout.response_mask, dim=-1)  # (B,) log pi_t(y|x), as sampled
         logp = response_logprobs(self.policy, rollout, c.temperature)  # (B, T)
         logp_seq = masked_sum(logp, rollout.response_mask, dim=-1)  # (B,)
-        out = objectives.sppo_selfplay_loss(logp_seq, ref_seq, win, eta=c.eta)
+        out = self.loss_fn(logp_seq, ref_seq, win, **self.loss_kwargs)
         row["grad_norm"] = self.optimize(out.loss)
         row["time_update"] = time.perf_counter() - t0
         row.update(loss=out.loss.item(), **{k: float(v) for k, v in out.metrics.items()})
@@ -345,7 +345,7 @@ class PreferenceTrainer(Run):
     def summary_extra(self, metrics: pd.DataFrame) -> dict:
         c = self.config
         win = metrics["eval_win_rate"].dropna()
-        if c.method == "sppo_selfplay":
+        if self.self_play:
             bounds = [t * c.steps // c.iterations for t in range(c.iterations + 1)]
             batch = {"prompts": c.prompts_per_step, "group_size": c.group_size}
             data = {"iterations": c.iterations, "steps_per_iteration": [b - a for a, b in zip(bounds, bounds[1:])]}
