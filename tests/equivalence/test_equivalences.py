@@ -256,16 +256,18 @@ def test_a3po_staleness_one_is_ppo_against_behav():
     assert abs(a.metrics["prox_alpha_mean"].item() - 1) < 1e-6
 
 
-def test_a3po_staleness_zero_is_on_policy():
-    """prox = logp (detached): u = 1, the behaviour weight is pi/behav, gradient -w A per token."""
+@pytest.mark.parametrize("mode", MODES[:3])
+def test_a3po_staleness_zero_is_ppo_against_behav(mode):
+    """Fresh data: pi_prox = pi_behav (the policy at the start of the update), so A-3PO is PPO, clip included.
+    (Before the fix pi_prox was sg(pi_theta): ratio 1, no clip, weight pi_theta/pi_behav.)"""
     logp, behav, adv, mask = _batch(13, spread=0.5)
-    a, ga = _grad(lambda lp: O.a3po_loss(lp, behav, adv, mask, 0), logp)
-    assert torch.equal(O.a3po_prox_logp(behav, logp, 0), logp.detach())
-    w = torch.exp(logp.detach() - behav)
-    tm = _agg_weights("token-mean")
-    assert torch.allclose(a.loss, -(tm * w * adv[:, None]).sum(), atol=1e-12, rtol=1e-9)
-    assert torch.allclose(ga, -(tm * w * adv[:, None]), atol=1e-12, rtol=1e-9)
-    assert a.metrics["clip_frac"].item() == 0.0
+    assert torch.equal(O.a3po_prox_logp(behav, logp, 0), behav)
+    a, ga = _grad(lambda lp: O.a3po_loss(lp, behav, adv, mask, 0, loss_agg_mode=mode), logp)
+    b, gb = _grad(lambda lp: O.ppo_loss(lp, behav, adv, mask, loss_agg_mode=mode), logp)
+    assert torch.allclose(a.loss, b.loss, atol=1e-14, rtol=1e-9) and torch.allclose(ga, gb, atol=1e-14, rtol=1e-9)
+    for key in ("clip_frac", "ratio_max", "ratio_min"):
+        assert a.metrics[key].item() == b.metrics[key].item(), key
+    assert b.metrics["clip_frac"].item() > 0  # the batch reaches the clip, so the equality is not vacuous
 
 
 # ------------------------------------------------------------------------------------------- dual clip

@@ -87,7 +87,7 @@ def test_a3po_prox_logp_staleness_cases():
     behav = torch.randn(3, 4, generator=g, dtype=torch.float64)
     logp = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     p0 = a3po_prox_logp(behav, logp, 0)
-    assert torch.equal(p0, logp.detach()) and not p0.requires_grad  # on-policy: prox = logp, detached
+    assert torch.equal(p0, behav) and not p0.requires_grad  # fresh data: prox = behav (the start of the update)
     p1 = a3po_prox_logp(behav, logp, 1)
     assert torch.equal(p1, behav) and not p1.requires_grad  # one version old: prox = behav
     p4 = a3po_prox_logp(behav, logp, 4)
@@ -101,12 +101,12 @@ def test_a3po_prox_logp_per_token_and_per_row_staleness():
     logp = torch.randn(3, 4, generator=g, dtype=torch.float64)
     per_row = torch.tensor([[0], [1], [3]])  # (B, 1)
     out = a3po_prox_logp(behav, logp, per_row)
-    assert torch.allclose(out[0], logp[0], rtol=1e-9) and torch.allclose(out[1], behav[1], rtol=1e-9)
+    assert torch.equal(out[0], behav[0]) and torch.equal(out[1], behav[1])  # d = 0 and d = 1: behav
     assert torch.allclose(out[2], behav[2] / 3 + logp[2] * 2 / 3, atol=1e-15, rtol=1e-9)
     per_token = torch.tensor([[0, 1, 2, 5]] * 3)  # (B, T)
     out = a3po_prox_logp(behav, logp, per_token)
     for t, d in enumerate([0, 1, 2, 5]):
-        alpha = 0.0 if d == 0 else 1.0 / d
+        alpha = 1.0 / max(d, 1)
         assert torch.allclose(out[:, t], alpha * behav[:, t] + (1 - alpha) * logp[:, t], atol=1e-15, rtol=1e-9)
 
 
@@ -132,7 +132,7 @@ def test_a3po_loss_equals_decoupled_with_its_prox(ref, policy_batch, tl, stalene
     else:
         stale = staleness
     st = torch.as_tensor(stale).expand(b, t).tolist()
-    alpha = [[0.0 if d == 0 else 1.0 / d for d in row] for row in st]
+    alpha = [[1.0 / max(d, 1) for d in row] for row in st]
     lp, bh = tl(logp), tl(behav)
     prox = [[a * x + (1 - a) * y for a, x, y in zip(ar, br, lr)] for ar, br, lr in zip(alpha, bh, lp)]
     logp.requires_grad_()
@@ -150,7 +150,7 @@ def test_a3po_loss_equals_decoupled_with_its_prox(ref, policy_batch, tl, stalene
 def test_a3po_loss_forwards_decoupled_kwargs(ref, policy_batch, tl, mode):
     logp, behav, _, adv, mask = _three_policies(67, policy_batch, spread=0.4)
     stale = torch.tensor([[2], [1], [3], [0], [4]])
-    alpha = [[0.0 if d == 0 else 1.0 / d] * logp.shape[1] for d in stale.reshape(-1).tolist()]
+    alpha = [[1.0 / max(d, 1)] * logp.shape[1] for d in stale.reshape(-1).tolist()]
     prox = [[a * x + (1 - a) * y for a, x, y in zip(ar, br, lr)] for ar, br, lr in zip(alpha, tl(behav), tl(logp))]
     logp.requires_grad_()
     out = a3po_loss(logp, behav, adv, mask, stale, clip_eps_low=0.1, clip_eps_high=0.3, behav_weight_cap=1.0,
@@ -159,3 +159,63 @@ def test_a3po_loss_forwards_decoupled_kwargs(ref, policy_batch, tl, mode):
     assert abs(out.loss.item() - e_loss) < 1e-10
     out.loss.backward()
     assert torch.allclose(logp.grad, torch.tensor(e_grad, dtype=torch.float64), atol=1e-12, rtol=1e-9)
+
+
+# ------------------------------------------- A-3PO with fresh data (d = 0) keeps PPO's trust region
+
+
+def test_a3po_fresh_data_is_ppo_around_the_behaviour_policy(ref, policy_batch, tl):
+    """d = 0: pi_prox = pi_behav, the policy at the start of the update, so the loss is PPO's (weight 1)."""
+    logp, behav, adv, mask = policy_batch(68, spread=0.8)  # ratios logp/behav on both sides of the clip edges
+    logp.requires_grad_()
+    out = a3po_loss(logp, behav, adv, mask, 0)
+    e_loss, e_grad, e_m = ref.ppo(tl(logp), tl(behav), tl(adv), tl(mask))
+    assert abs(out.loss.item() - e_loss) < 1e-10
+    out.loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor(e_grad, dtype=torch.float64), atol=1e-12, rtol=1e-9)
+    _check_metrics(out.metrics, e_m, ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_min", "ratio_max"))
+    assert e_m["clip_frac"] > 0 and e_m["ratio_max"] > 1.2  # the batch does exercise the clip
+    assert out.metrics["behav_weight_max"].item() == 1.0 and out.metrics["prox_alpha_mean"].item() == 1.0
+
+
+def test_a3po_fresh_data_clips_a_large_move():
+    """Every token moved to 3x its behaviour probability with A > 0: all clipped, zero gradient, loss -1.2 A."""
+    behav = torch.full((2, 3), -2.0, dtype=torch.float64)
+    logp = (behav + math.log(3.0)).requires_grad_()
+    adv = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    out = a3po_loss(logp, behav, adv, torch.ones(2, 3), 0)
+    assert abs(out.metrics["ratio_max"].item() - 3.0) < 1e-6 and out.metrics["clip_frac"].item() == 1.0
+    assert abs(out.loss.item() + 1.2 * 0.75) < 1e-12  # token-mean of -1.2 A over 3 + 3 tokens
+    out.loss.backward()
+    assert torch.equal(logp.grad, torch.zeros_like(logp))
+
+
+def test_a3po_fresh_data_bounds_later_minibatches():
+    """Two minibatches of one fresh rollout through a shared linear policy: after the first optimizer step
+    the second minibatch's ratio to pi_prox is no longer 1, and a large step is clipped."""
+    g = torch.Generator().manual_seed(69)
+    vocab, dim, b, t = 5, 4, 8, 6
+    feats = torch.randn(b, t, dim, generator=g, dtype=torch.float64)  # (B, T, D) token states
+    weight = torch.zeros(dim, vocab, dtype=torch.float64, requires_grad=True)  # uniform policy at the start
+
+    def logprobs(rows, tokens):
+        return torch.log_softmax(feats[rows] @ weight, -1).gather(-1, tokens[..., None]).squeeze(-1)  # (b, T)
+
+    with torch.no_grad():
+        tokens = torch.multinomial(torch.full((b * t, vocab), 1.0 / vocab), 1, generator=g).reshape(b, t)
+        behav = logprobs(torch.arange(b), tokens)  # (B, T): the behaviour policy = the start of the update
+    adv = torch.randn(b, generator=g, dtype=torch.float64)
+    mask = torch.ones(b, t)
+    opt = torch.optim.SGD([weight], lr=20.0)
+    metrics = []
+    for rows in (torch.arange(0, 4), torch.arange(4, 8)):  # d = 0 for both minibatches
+        out = a3po_loss(logprobs(rows, tokens[rows]), behav[rows], adv[rows], mask[rows], 0)
+        metrics.append({k: v.item() for k, v in out.metrics.items()})
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert metrics[0]["ratio_max"] == 1.0 and metrics[0]["clip_frac"] == 0.0  # nothing has moved yet
+    second = metrics[1]
+    assert second["ratio_max"] > 1.2 or second["ratio_min"] < 0.8  # the shared weights moved
+    assert second["clip_frac"] > 0  # and the clip bounds the move
+    assert second["behav_weight_max"] == 1.0  # pi_prox = pi_behav: no importance weight with fresh data
