@@ -16,8 +16,9 @@ Known, documented differences (asserted below, not hidden):
 - Dr. GRPO: TRL divides the masked sum by ``B * max_completion_length``; xxpo by ``B * norm_len``, so
   ``norm_len = max_completion_length`` matches. verl's ``seq-mean-token-sum-norm`` divides by the padded
   width only (no 1/B): a constant factor B apart, i.e. an effective learning-rate change.
-- ``scale_rewards="batch"``: TRL divides by the std of the raw rewards, xxpo by the std of the
-  group-centred rewards; the two agree when every group has the same mean.
+- ``scale_rewards="batch"`` is xxpo's ``adv_norm="group_mean_batch_std"`` (group mean, std of the RAW
+  rewards over the batch); xxpo's ``"group_mean_residual_std"`` (AReaL's group/batch) and ``"batch"``
+  (AReaL's batch/batch) differ from it, asserted below.
 - TRL does not clamp log-ratios; xxpo clamps at +-20. The tensors here stay far inside that range.
 - TRL computes two things in float32 even for float64 inputs: the Bessel factor count / (count - 1) in
   ``nanstd`` (an int64 division) and the SAPO temperatures (``torch.where`` on Python floats, so
@@ -88,9 +89,24 @@ def _trl_group_advantages(rewards, g, scale_rewards):
     return adv
 
 
-@pytest.mark.parametrize("scale_rewards,adv_norm", [("group", "group"), ("none", "none")])
-def test_group_advantages_match_trl(scale_rewards, adv_norm):
-    g = torch.Generator().manual_seed(2)
+SCALE_REWARDS = [("group", "group"), ("batch", "group_mean_batch_std"), ("none", "none")]
+
+
+def test_trl_advantage_block_is_what_the_restatement_reads():
+    """The re-statement above follows TRL's source: a change there fails here, not silently."""
+    import inspect
+
+    src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    batch_branch = src[src.index('elif self.scale_rewards == "batch":'):src.index("advantages = rewards - mean_grouped")]
+    assert "nanstd(rewards).expand_as(rewards)" in batch_branch  # std of the raw rewards over the batch
+    assert "mean_grouped_rewards = torch.nanmean(rewards.view(-1, num_generations), dim=1)" in src
+    assert "advantages = advantages / (std_rewards + 1e-4)" in src
+
+
+@pytest.mark.parametrize("scale_rewards,adv_norm", SCALE_REWARDS)
+@pytest.mark.parametrize("seed", [2, 5])
+def test_group_advantages_match_trl(scale_rewards, adv_norm, seed):
+    g = torch.Generator().manual_seed(seed)
     rewards = torch.rand(16, generator=g, dtype=torch.float64).round()  # binary rewards, G = 4
     rewards[4:8] = 1.0  # a zero-variance group
     rewards[12:16] = torch.tensor([0.3, 0.9, 0.1, 0.6], dtype=torch.float64)
@@ -100,14 +116,14 @@ def test_group_advantages_match_trl(scale_rewards, adv_norm):
     assert torch.all(ours[4:8] == 0)
 
 
-def test_batch_scaling_differs_from_trl_unless_group_means_agree():
-    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)  # means 0.25, 0.75
-    ours = F.group_advantages(rewards, 4, adv_norm="batch", eps=1e-4)
+def test_only_group_mean_batch_std_is_trl_batch():
+    """Group means 0.25 and 0.75: the batch-scale variants separate (the old "batch" was the residual one)."""
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
     theirs = _trl_group_advantages(rewards, 4, "batch")
-    assert not torch.allclose(ours, theirs, atol=1e-3, rtol=0)  # documented difference
-    same_means = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0], dtype=torch.float64)
-    ours = F.group_advantages(same_means, 4, adv_norm="batch", eps=1e-4)
-    assert torch.allclose(ours, _trl_group_advantages(same_means, 4, "batch"), atol=1e-12, rtol=1e-6)
+    assert torch.allclose(F.group_advantages(rewards, 4, "group_mean_batch_std", eps=1e-4), theirs, atol=1e-12,
+                          rtol=1e-6)
+    for other in ("group_mean_residual_std", "batch"):
+        assert not torch.allclose(F.group_advantages(rewards, 4, other, eps=1e-4), theirs, atol=1e-3, rtol=0), other
 
 
 def test_leave_one_out_matches_trl_rloo_baseline():

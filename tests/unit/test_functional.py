@@ -186,16 +186,86 @@ def test_sequence_log_ratio_clamped():
 # ---------------------------------------------------------------- advantages
 
 
-@pytest.mark.parametrize("adv_norm", ["group", "batch", "none"])
+def _token_list_advantages(rewards, g, adv_norm, eps, unbiased, lengths=None):
+    """Plain-Python oracle: every response's reward repeated once per counted token (once per response
+    without ``lengths``), then means and stds over those lists, as the docstring's formulas read."""
+    n = len(rewards)
+    lengths = [1] * n if lengths is None else lengths
+    groups = [list(range(k, k + g)) for k in range(0, n, g)]
+
+    def tokens(idx):
+        return [rewards[i] for i in idx for _ in range(lengths[i])]
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else 0.0
+
+    def std(devs):
+        d = len(devs) - 1 if unbiased else len(devs)
+        return math.sqrt(sum(x * x for x in devs) / d) if d > 0 else 1.0
+
+    everything = tokens(range(n))
+    m, flat_batch = mean(everything), len(set(rewards)) == 1
+    s = std([x - m for x in everything])
+    out = [0.0] * n
+    if adv_norm == "batch":
+        for i in range(n):
+            out[i] = 0.0 if flat_batch else (rewards[i] - m) / (s + eps)
+    else:
+        m_g = {}
+        for idx in groups:
+            flat = len({rewards[i] for i in idx}) == 1
+            for i in idx:
+                m_g[i] = rewards[i] if flat else mean(tokens(idx))
+        residual_std = std([rewards[i] - m_g[i] for i in range(n) for _ in range(lengths[i])])
+        for idx in groups:
+            s_g = std([x - m_g[idx[0]] for x in tokens(idx)])
+            for i in idx:
+                dev = rewards[i] - m_g[i]
+                scale = {"group": s_g + eps, "group_mean_batch_std": s + eps,
+                         "group_mean_residual_std": residual_std + eps, "none": 1.0}[adv_norm]
+                out[i] = dev / scale if dev else 0.0
+    return [0.0 if lengths[i] == 0 else out[i] for i in range(n)]
+
+
+@pytest.mark.parametrize("adv_norm", F.ADV_NORMS)
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("eps", [1e-6, 1e-4, 0.5])
-def test_group_advantages(ref, adv_norm, unbiased, eps):
+def test_group_advantages(adv_norm, unbiased, eps):
     rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 2.0, 0.25]
     out = F.group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, adv_norm=adv_norm, eps=eps,
                              unbiased=unbiased)
-    expected = ref.group_advantages(rewards, 4, adv_norm, eps, unbiased)
+    expected = _token_list_advantages(rewards, 4, adv_norm, eps, unbiased)
     assert out.shape == (12,)
     assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("adv_norm", ["group", "none"])
+def test_group_advantages_agree_with_the_shared_oracle(ref, adv_norm):
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 2.0, 0.25]
+    out = F.group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, adv_norm=adv_norm)
+    assert torch.allclose(out, torch.tensor(ref.group_advantages(rewards, 4, adv_norm), dtype=torch.float64),
+                          atol=1e-12, rtol=1e-9)
+
+
+@pytest.mark.parametrize("adv_norm", F.ADV_NORMS)
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_group_advantages_token_weighted(adv_norm, unbiased):
+    """mask: each response counts once per valid token (AReaL normalizes per-token advantages)."""
+    rewards = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5, 3.0, -1.0, 2.0, 0.25]
+    lengths = [3, 1, 4, 2, 2, 5, 1, 3, 4, 0, 2, 1]  # one response without valid tokens
+    mask = (torch.arange(5)[None, :] < torch.tensor(lengths)[:, None]).long()  # (B, T)
+    out = F.group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, adv_norm=adv_norm, eps=1e-5,
+                             unbiased=unbiased, mask=mask)
+    expected = _token_list_advantages(rewards, 4, adv_norm, 1e-5, unbiased, lengths)
+    assert torch.allclose(out, torch.tensor(expected, dtype=torch.float64), atol=1e-12, rtol=1e-9)
+    assert out[9] == 0  # no valid token
+    unweighted = F.group_advantages(torch.tensor(rewards, dtype=torch.float64), 4, adv_norm=adv_norm, eps=1e-5,
+                                    unbiased=unbiased)
+    assert not torch.allclose(out, unweighted)  # the weights matter for every variant
+    r = torch.tensor(rewards, dtype=torch.float64)
+    equal_lengths = torch.ones(12, 3, dtype=torch.bool)  # biased std: the same as one count per response
+    assert torch.allclose(F.group_advantages(r, 4, adv_norm=adv_norm, unbiased=False, mask=equal_lengths),
+                          F.group_advantages(r, 4, adv_norm=adv_norm, unbiased=False), atol=1e-12, rtol=1e-9)
 
 
 def test_group_advantages_hand_values():
@@ -211,7 +281,25 @@ def test_group_advantages_hand_values():
                           torch.tensor([0.75, -0.25, -0.25, -0.25], dtype=torch.float64), rtol=1e-9)
 
 
-@pytest.mark.parametrize("adv_norm", ["group", "batch", "none"])
+def test_batch_scale_variants_hand_values():
+    # group means 0.25 and 0.75; batch mean 0.5. Raw rewards: 8 deviations of 0.5 -> unbiased std sqrt(2/7).
+    # Residuals R - m_g: two of 0.75, six of 0.25 -> sum of squares 1.5 -> unbiased std sqrt(1.5/7).
+    r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    resid = torch.tensor([0.75, -0.25, -0.25, -0.25, 0.25, 0.25, 0.25, -0.75], dtype=torch.float64)
+    raw_std, resid_std = math.sqrt(2 / 7), math.sqrt(1.5 / 7)
+    assert torch.allclose(F.group_advantages(r, 4, "group_mean_batch_std", eps=0.0), resid / raw_std, rtol=1e-12)
+    assert torch.allclose(F.group_advantages(r, 4, "group_mean_residual_std", eps=0.0), resid / resid_std,
+                          rtol=1e-12)
+    assert torch.allclose(F.group_advantages(r, 4, "batch", eps=0.0), (r - 0.5) / raw_std, rtol=1e-12)
+    # the three differ: this batch tells them apart
+    outs = [F.group_advantages(r, 4, m, eps=0.0) for m in ("group_mean_batch_std", "group_mean_residual_std", "batch")]
+    assert not torch.allclose(outs[0], outs[1]) and not torch.allclose(outs[0], outs[2])
+
+
+GROUP_CENTRED = [m for m in F.ADV_NORMS if m != "batch"]
+
+
+@pytest.mark.parametrize("adv_norm", GROUP_CENTRED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("value", [0.1, 1 / 3, 0.7, 5.0, -2.3])
 def test_group_advantages_zero_variance_group_is_exactly_zero(adv_norm, dtype, value):
@@ -220,6 +308,16 @@ def test_group_advantages_zero_variance_group_is_exactly_zero(adv_norm, dtype, v
     assert torch.all(out[:3] == 0)
     assert torch.all(out[3:] != 0)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("value", [0.1, 1 / 3, 5.0])
+def test_batch_norm_keeps_signal_of_flat_groups_and_zeroes_a_flat_batch(dtype, value):
+    rewards = torch.tensor([value] * 3 + [0.0, 1.0, 1.0], dtype=dtype)
+    out = F.group_advantages(rewards, 3, adv_norm="batch")
+    assert torch.all(out[:3] == out[0]) and out[0] != 0  # a flat group is compared with the batch mean
+    flat = F.group_advantages(torch.full((6,), value, dtype=dtype), 3, adv_norm="batch", eps=0.0)
+    assert torch.all(flat == 0)
 
 
 def test_leave_one_out(ref):
@@ -425,3 +523,47 @@ def test_expected_gradient_is_corrected_k3_is_reverse_kl_gradient():
     g = _expected_grad(theta, old_probs,
                        lambda lp: F.is_corrected_k3(lp, ref_logp.reshape(1, K), old_logp.reshape(1, K)))
     assert all(_close(a, b, 1e-9) for a, b in zip(g, g_rev))
+
+
+# ---------------------------------------------------------------- where the log-ratio clamp changes a loss
+
+
+def _one_token(log_ratio, adv):
+    logp = torch.tensor([[log_ratio]], dtype=torch.float64, requires_grad=True)
+    return logp, torch.zeros(1, 1, dtype=torch.float64), torch.tensor([adv], dtype=torch.float64), torch.ones(1, 1)
+
+
+def test_clamp_caps_ppo_only_on_the_side_the_clip_leaves_open():
+    import xxpo.objectives as O
+
+    logp, old, adv, mask = _one_token(25.0, -1.0)  # A < 0, r = e^25: PPO's unclipped term -r A
+    out = O.ppo_loss(logp, old, adv, mask)
+    out.loss.backward()
+    assert abs(out.loss.item() - math.exp(20.0)) < 1e-6 * math.exp(20.0)  # capped at -e^20 A, not e^25
+    assert logp.grad.item() == 0.0
+    logp, old, adv, mask = _one_token(25.0, -1.0)  # with dual clip the cap -c A binds first: no change
+    out = O.ppo_loss(logp, old, adv, mask, dual_clip_c=3.0)
+    out.loss.backward()
+    assert abs(out.loss.item() - 3.0) < 1e-12 and logp.grad.item() == 0.0
+    logp, old, adv, mask = _one_token(25.0, 1.0)  # A > 0: clipped at 1 + eps whatever the clamp
+    out = O.ppo_loss(logp, old, adv, mask)
+    out.loss.backward()
+    assert abs(out.loss.item() + 1.2) < 1e-12 and logp.grad.item() == 0.0
+    assert abs(out.metrics["ratio_max"].item() - math.exp(20.0)) < 1e-6 * math.exp(20.0)  # logged clamped
+
+
+def test_clamp_bounds_the_behaviour_weight_and_caps_gspo_token_weight():
+    import xxpo.objectives as O
+
+    logp, _, adv, mask = _one_token(-1.0, 1.0)
+    behav = torch.tensor([[-26.0]], dtype=torch.float64)  # log pi_prox/pi_behav = 25: weight e^20, not e^25
+    out = O.decoupled_ppo_loss(logp, behav, logp.detach().clone(), adv, mask)
+    assert abs(out.metrics["behav_weight_max"].item() - math.exp(20.0)) < 1e-6 * math.exp(20.0)
+    logp, old, adv, mask = _one_token(25.0, -1.0)  # GSPO-token: the gradient keeps flowing, weight e^20
+    out = O.gspo_token_loss(logp, old, adv, mask)
+    out.loss.backward()
+    assert abs(logp.grad.item() - math.exp(20.0)) < 1e-6 * math.exp(20.0)
+    logp, old, adv, mask = _one_token(25.0, -1.0)  # GSPO: the sequence's gradient is zeroed
+    out = O.gspo_loss(logp, old, adv, mask)
+    out.loss.backward()
+    assert logp.grad.item() == 0.0 and abs(out.loss.item() - math.exp(20.0)) < 1e-6 * math.exp(20.0)

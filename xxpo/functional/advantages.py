@@ -11,7 +11,7 @@ import torch
 from xxpo.functional.aggregation import masked_mean, masked_sum
 from xxpo.functional.checks import check_choice, check_mask, check_number, check_same_shape, check_tensor
 
-ADV_NORMS = ("group", "batch", "none")
+ADV_NORMS = ("group", "group_mean_batch_std", "group_mean_residual_std", "batch", "none")
 
 
 def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -23,38 +23,95 @@ def _groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return rewards.reshape(-1, group_size)  # (n_prompts, G)
 
 
+def _weighted_mean(x: torch.Tensor, w: torch.Tensor, dim=None) -> torch.Tensor:
+    """sum w x / sum w (0 where sum w = 0); over all entries, or over ``dim`` keeping it."""
+    if dim is None:
+        total = w.sum()
+        return (w * x).sum() / total if bool(total > 0) else x.new_zeros(())
+    total = w.sum(dim, keepdim=True)
+    return torch.where(total > 0, (w * x).sum(dim, keepdim=True) / total.clamp(min=1e-30), torch.zeros_like(total))
+
+
+def _weighted_std(dev: torch.Tensor, w: torch.Tensor, unbiased: bool, dim=None) -> torch.Tensor:
+    """sqrt(sum w dev^2 / (sum w - 1)) (Bessel) or / sum w, for deviations ``dev`` from a centre; 1 where that
+    count is <= 1 (unbiased) or 0 (biased), as AReaL's ``Normalization`` does."""
+    kw = {} if dim is None else {"dim": dim, "keepdim": True}
+    total = w.sum(**kw)
+    denom = total - 1 if unbiased else total
+    sq = (w * dev * dev).sum(**kw)
+    return torch.where(denom > 0, (sq / denom.clamp(min=1e-30)).sqrt(), torch.ones_like(sq))
+
+
+def _divide(dev: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """dev / scale, with a zero scale (eps = 0 and all deviations 0) giving 0 rather than NaN."""
+    return dev / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_size: int,
     adv_norm: str = "group",
     eps: float = 1e-6,
     unbiased: bool = True,
+    mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A_i = (R_i - mean_group R) / (std + eps), with the std taken over ``adv_norm``.
+    """Advantages from outcome rewards (B,) laid out group by group; ``adv_norm`` picks the centre and scale.
 
-    - ``"group"``: GRPO (arXiv 2402.03300 Sec. 4.1.2), std of each prompt's G rewards.
-    - ``"batch"``: std over the whole batch after subtracting group means (TRL ``scale_rewards="batch"``).
-    - ``"none"``: Dr. GRPO (arXiv 2503.20783 Sec. 3.2), the group mean only.
+    With m_g the mean of the prompt's G rewards, m and s the mean and std of all B rewards, s_g the std
+    of the prompt's rewards, and r the std of the residuals R - m_g over the batch:
 
-    ``eps=1e-6`` and the unbiased (Bessel) std follow verl; TRL uses 1e-4, the Dr. GRPO repo 1e-8.
-    A group whose rewards are all equal gets advantages of exactly 0 (its float-error std would
-    otherwise be divided by ``eps`` and blown up). Returns ``(B,)``.
+    - ``"group"``:                   (R - m_g) / (s_g + eps). GRPO (arXiv 2402.03300 Sec. 4.1.2); TRL
+      ``scale_rewards="group"``; AReaL ``mean_level=group, std_level=group``.
+    - ``"group_mean_batch_std"``:    (R - m_g) / (s + eps), s of the RAW rewards. TRL ``scale_rewards="batch"``.
+    - ``"group_mean_residual_std"``: (R - m_g) / (r + eps), r = sqrt(sum (R - m_g)^2 / (N - 1)). AReaL
+      ``mean_level=group, std_level=batch`` (its LitePPO configuration, arXiv 2508.08221): AReaL takes
+      the batch std about the group means it subtracted.
+    - ``"batch"``:                   (R - m) / (s + eps), no group mean. AReaL ``mean_level=batch,
+      std_level=batch`` (its ``NormConfig`` default, set in its GRPO and A-3PO example configs).
+    - ``"none"``:                    R - m_g. Dr. GRPO (arXiv 2503.20783 Sec. 3.2).
+
+    ``mask`` (B, T), optional: count each response once per valid token in every mean and std, as AReaL
+    does (it normalizes per-token advantages, which equal R on every response token when gamma = lambda
+    = 1, there is no critic and no KL reward); N is then the number of valid tokens and a response with
+    no valid token gets 0. Without it every response counts once, as in TRL and verl.
+
+    ``eps=1e-6`` and the unbiased (Bessel) std follow verl; TRL uses 1e-4, AReaL 1e-5, the Dr. GRPO repo
+    1e-8. Where the centre is a group mean, a group whose rewards are all equal gets advantages of
+    exactly 0 (its float-error deviation would otherwise be divided by a tiny std); with ``"batch"``
+    only a batch whose rewards are all equal does. Returns ``(B,)``.
     """
     check_choice("adv_norm", adv_norm, ADV_NORMS)
     check_number("eps", eps, low=0)
     grouped = _groups(rewards, group_size)  # (n, G)
     if group_size < 2:
         raise ValueError(f"group_size must be >= 2 for group-relative advantages, got {group_size}")
-    centred = grouped - grouped.mean(-1, keepdim=True)  # (n, G)
-    flat_group = (grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True))  # (n, 1)
-    centred = torch.where(flat_group, torch.zeros_like(centred), centred)
-    if adv_norm == "group":
-        scale = grouped.std(-1, keepdim=True, unbiased=unbiased) + eps  # (n, 1)
-    elif adv_norm == "batch":
-        scale = centred.std(unbiased=unbiased) + eps if centred.numel() > 1 else centred.new_tensor(1.0)
+    if mask is None:
+        w = torch.ones_like(grouped)  # (n, G): one count per response
     else:
-        scale = centred.new_tensor(1.0)
-    return (centred / scale).reshape(-1)
+        check_tensor("mask", mask, ndim=2, floating=False)
+        w = check_mask("mask", mask, (rewards.shape[0], mask.shape[-1])).to(rewards.dtype).sum(-1)  # (B,)
+        w = w.reshape(grouped.shape)  # (n, G): valid tokens per response
+    if adv_norm == "batch":
+        centre = _weighted_mean(grouped, w)  # ()
+        flat = grouped.amax() == grouped.amin()
+        dev = torch.zeros_like(grouped) if bool(flat) else grouped - centre  # (n, G)
+        out = _divide(dev, _weighted_std(dev, w, unbiased) + eps)
+    else:
+        centre = _weighted_mean(grouped, w, dim=-1)  # (n, 1)
+        flat_group = grouped.amax(-1, keepdim=True) == grouped.amin(-1, keepdim=True)  # (n, 1)
+        dev = torch.where(flat_group, torch.zeros_like(grouped), grouped - centre)  # (n, G)
+        if adv_norm == "group":
+            scale = _weighted_std(dev, w, unbiased, dim=-1) + eps  # (n, 1)
+        elif adv_norm == "group_mean_batch_std":
+            scale = _weighted_std(grouped - _weighted_mean(grouped, w), w, unbiased) + eps  # ()
+        elif adv_norm == "group_mean_residual_std":
+            scale = _weighted_std(dev, w, unbiased) + eps  # ()
+        else:  # "none"
+            scale = dev.new_tensor(1.0)
+        out = _divide(dev, scale)
+    if mask is not None:
+        out = torch.where(w > 0, out, torch.zeros_like(out))
+    return out.reshape(-1)
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
