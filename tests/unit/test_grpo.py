@@ -186,3 +186,13 @@ def test_overlong_penalty(max_len, cache_len):
 def test_overlong_penalty_hand_values():
     out = overlong_penalty(torch.tensor([16, 17, 18, 20, 21]), 20, 4)
     assert torch.allclose(out.double(), torch.tensor([0.0, -0.25, -0.5, -1.0, -1.0], dtype=torch.float64), rtol=1e-9)
+
+
+def test_grpo_function_default_kl_coef_is_zero_and_the_preset_keeps_the_papers_beta():
+    """Documented deviation: the function's default has no KL term; the grpo preset uses DeepSeekMath's 0.04."""
+    import inspect
+
+    from xxpo.presets import PRESETS
+
+    assert inspect.signature(grpo_loss).parameters["kl_coef"].default == 0.0
+    assert PRESETS["grpo"].hparams["kl_coef"] == 0.04

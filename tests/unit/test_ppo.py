@@ -159,3 +159,13 @@ def test_sppo_seq_default_is_token_mean(ref, policy_batch, tl):
     logp, old, adv, mask = policy_batch(13)
     e_loss, _, _ = ref.ppo(tl(logp), tl(old), tl(adv), tl(mask), 0.2, None, None, "token-mean")
     assert abs(sppo_seq_loss(logp, old, adv, mask).loss.item() - e_loss) < 1e-10
+
+
+def test_value_loss_has_the_factor_one_half():
+    """Documented: 0.5 (V - R)^2 (baselines/verl convention), not the PPO paper's (V - V_targ)^2 of Eq. 9."""
+    values = torch.tensor([[3.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    returns = torch.tensor([[1.0, 0.5]], dtype=torch.float64)
+    out = value_loss(values, torch.zeros_like(values), returns, torch.ones(1, 2), clip_eps=None)
+    assert abs(out.loss.item() - (0.5 * 4.0 + 0.5 * 2.25) / 2) < 1e-12
+    out.loss.backward()
+    assert torch.allclose(values.grad, torch.tensor([[2.0 / 2, -1.5 / 2]], dtype=torch.float64), rtol=1e-12)

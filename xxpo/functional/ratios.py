@@ -1,8 +1,21 @@
 """Importance ratios between the current policy and the policy that produced the data.
 
 ``log r = logp - old_logp`` is clamped to ``[-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP]`` before ``exp`` (verl
-uses 20 for token ratios), so one wild token cannot overflow the loss. Outside the clamp the
-gradient is zero, which is what a clipped objective would give there anyway.
+uses 20 for token ratios), so one wild token cannot overflow the loss. Outside the clamp the value is
+frozen at e^(+-20) and the gradient is zero. Where that changes the result:
+
+- PPO/GRPO/DAPO clip: only on the side the clip leaves open. A < 0 with log r > 20 keeps PPO's unclipped
+  term -r A (gradient -A r grad log pi); the clamp caps the value at -e^20 A and zeroes the gradient.
+  With ``dual_clip_c`` (< e^20) the loss is capped at -c A there already, so the clamp changes nothing.
+  A > 0 with log r < -20 drops a gradient r A < 2.1e-9 A. In the clipped regions it changes nothing.
+- SAPO's gate saturates far before e^(+-20): the clamp removes gradients below float noise.
+- Decoupled PPO / A-3PO: the trust-region ratio u behaves as PPO's r; the behaviour weight
+  pi_prox/pi_behav is clamped with the same constant and nothing else bounds it (unless
+  ``behav_weight_cap``), so beyond e^20 the clamp changes the weight of those tokens' loss and gradient.
+- GSPO: the clamp is on the mean log-ratio of a sequence, so beyond it every token of that sequence loses
+  its gradient (on the open side, as for PPO). GSPO-token clamps the detached s_i: the gradient still flows
+  through log pi and the clamp caps its weight at e^20 instead of zeroing it.
+- Logged ratio_mean/min/max and approx_kl are computed from the clamped values.
 """
 
 from __future__ import annotations

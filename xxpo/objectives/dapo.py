@@ -2,12 +2,19 @@
 
 J = E[ 1/sum_i |o_i| sum_i sum_t min(r_it A_it, clip(r_it, 1 - eps_low, 1 + eps_high) A_it) ]   (Eq. 8)
 
-Of DAPO's four techniques, two live in the loss: *clip-higher* (eps_high = 0.28 > eps_low = 0.2,
-so unlikely tokens can grow and entropy does not collapse) and the *token-level* loss (``token-mean``:
-every token weighs the same, whatever the length of its response). The other two belong elsewhere:
-*overlong reward shaping* changes the reward (``overlong_penalty`` below, Eq. 13), and *dynamic
-sampling* (drop groups whose rewards are all equal) changes the batch (the training loop's
-``filter_zero_std_groups``). DAPO uses no KL term.
+DAPO has four techniques; this file implements the two that live in the loss, plus the shaping term as a
+pure function:
+
+- ``dapo_loss`` is ``grpo_loss`` with DAPO's defaults: *clip-higher* (eps_high = 0.28 > eps_low = 0.2,
+  so unlikely tokens can grow and entropy does not collapse), the *token-level* loss (``token-mean``:
+  every valid token of the batch it is given weighs the same, whatever its response's length) and no KL
+  (``kl_coef = 0``). It computes Eq. 8 on the batch it receives and nothing else.
+- ``overlong_penalty`` returns Eq. 13's soft overlong punishment for given lengths. It does not touch
+  any reward by itself.
+
+Not in this file: *dynamic sampling* (over-sample until the batch holds enough groups whose rewards
+differ, Sec. 3.2) is done by the training loop (config ``dynamic_sampling``), and the overlong
+punishment is added to the reward by the loop (config ``overlong_buffer``), not by the loss.
 
 Deviations: none in the loss. Note TRL's ``dapo`` normalizes by the token count of the *global*
 accumulated batch; here the caller's batch is the unit.

@@ -5,10 +5,11 @@ J = E[ 1/G sum_i 1/|o_i| sum_t { min(r_it A_it, clip(r_it, 1-eps, 1+eps) A_it) -
 (``xxpo.functional.group_advantages``), and the KL to the reference sits in the *loss*, estimated per
 token with k3 (Eq. 4), not in the reward.
 
-Deviations from the paper: none by default. ``kl_coef`` defaults to 0 (DeepSeekMath used 0.04; R1
-0.001; TRL now defaults to 0), because most recipes since drop the reference model. Note the k3 term's
-gradient is that of the *forward* KL (see ``xxpo.functional.kl``); pass ``kl_estimator="k2"`` for the
-reverse-KL gradient.
+Deviation of the function's default: ``kl_coef`` defaults to 0 (no KL term, no reference model needed),
+while the paper's beta is 0.04 (DeepSeekMath Sec. 4.2; R1 used 0.001; TRL now defaults to 0, as most
+recipes since drop the reference model). The ``grpo`` preset (``xxpo.presets``) passes the paper's 0.04.
+The loss itself follows Eq. 3. Note the k3 term's gradient is that of the *forward* KL (see
+``xxpo.functional.kl``); pass ``kl_estimator="k2"`` for the reverse-KL gradient.
 """
 
 from __future__ import annotations

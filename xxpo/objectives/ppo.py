@@ -110,10 +110,14 @@ def value_loss(
     clip_eps: float | None = 0.2,
     loss_agg_mode: str = "token-mean",
 ) -> LossOutput:
-    """Clipped value loss 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2).
+    """Clipped value loss 0.5 max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2); ``clip_eps=None``
+    gives 0.5 (V - R)^2.
 
-    The clipped form of OpenAI baselines, TRL and verl (not in the PPO paper, whose Eq. 9 uses the
-    plain squared error: pass ``clip_eps=None`` for that). All inputs (B, T).
+    Deviations from the PPO paper: its L^VF (Eq. 9) is the plain squared error (V - V^targ)^2, without
+    the clip and without the factor 1/2. Both come from OpenAI baselines' ppo2 (``vf_loss = .5 *
+    reduce_mean(maximum(vf_losses1, vf_losses2))``), kept by verl's ``compute_value_loss`` and TRL's old
+    PPOTrainer. The 1/2 is a constant scale: in the paper it would be absorbed by c1; here the critic has
+    its own AdamW optimizer, which is almost invariant to it (only eps sees the scale). All inputs (B, T).
     Metrics: vf_clip_frac (tokens where the clipped branch is strictly larger), value_mean.
     """
     check_tensor("values", values, ndim=2)
