@@ -155,6 +155,8 @@ def test_killed_run_resumes_to_the_same_metrics(short_runs, tmp_path, method):
     with pytest.raises(Killed):
         train_preference(config, tmp_path, callback=kill_after_step_2)
     assert (tmp_path / "checkpoint.pt").is_file() and not (tmp_path / "metrics.csv").exists()
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # no pickled objects
+    assert state["step"] == 2 and (method != "sppo_selfplay" or state["anchor"] is not None)
     resumed = train_preference(config, tmp_path, resume=True)
     pd.testing.assert_frame_equal(comparable(short_runs[method].metrics), comparable(resumed.metrics))
     assert len(pd.read_csv(tmp_path / "metrics.csv")) == config.steps

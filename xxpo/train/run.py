@@ -11,6 +11,12 @@ in what ONE step does; :class:`Run` owns everything around the step, once:
         every checkpoint_every steps: atomically save model, optimizer, RNG states, rows
     write metrics.csv and summary.json
 
+Checkpoints hold only what ``torch.load(..., weights_only=True)`` reads (tensors, Python numbers, strings,
+None, and dicts, lists and tuples of them) and are loaded that way, so a checkpoint someone hands you
+cannot run code when resumed: :func:`checkpoint_safe` converts on save (the Python ``random.Random`` state
+becomes a tensor, NumPy scalars Python numbers) and refuses anything else; :func:`load_checkpoint`
+refuses a file that holds any other object.
+
 A subclass sets the attributes :meth:`Run.state` saves (``stateful``: names of modules and
 optimizers; ``generators``; ``prompt_rng``) and implements ``step``, ``evaluate`` and
 ``eval_columns``; ``extra_state`` / ``load_extra_state`` and ``summary_extra`` add what only it has.
@@ -21,10 +27,14 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
+import random
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -46,6 +56,57 @@ class RunResult:
     summary: dict
     model: torch.nn.Module = field(repr=False)
     tokenizer: object = field(repr=False)
+
+
+def checkpoint_safe(obj, where: str = "state"):
+    """``obj`` in the forms ``torch.load(..., weights_only=True)`` reads, or a TypeError naming the entry.
+
+    Tensors, bool/int/float/str and None pass; NumPy scalars become Python numbers; dicts (str or int
+    keys; an OrderedDict keeps its type and a module state_dict's ``_metadata``), lists and tuples are
+    converted entry by entry. Anything else would need the unsafe unpickler, so it is refused at save time.
+    """
+    if isinstance(obj, np.generic) and type(obj.item()) in (bool, int, float, str):
+        return obj.item()  # np.float64 subclasses float but pickles as a NumPy object
+    if obj is None or type(obj) in (bool, int, float, str) or isinstance(obj, torch.Tensor):
+        return obj
+    if type(obj) in (dict, OrderedDict):
+        out = type(obj)()
+        for k, v in obj.items():
+            if type(k) not in (str, int):
+                raise TypeError(f"checkpoint entry {where} has a key of type {type(k).__name__}; keys must be str or int")
+            out[k] = checkpoint_safe(v, f"{where}[{k!r}]")
+        if hasattr(obj, "_metadata"):
+            out._metadata = checkpoint_safe(obj._metadata, f"{where}._metadata")
+        return out
+    if type(obj) in (list, tuple):
+        return type(obj)(checkpoint_safe(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    raise TypeError(f"checkpoint entry {where} is a {type(obj).__name__}; a checkpoint holds only tensors, numbers, "
+                    "strings, None and dicts/lists/tuples of them (torch.load weights_only=True)")
+
+
+def random_state_to_checkpoint(rng: random.Random) -> dict:
+    """A ``random.Random`` state as {version, internal (int64 tensor of the Mersenne Twister words), gauss_next}."""
+    version, internal, gauss_next = rng.getstate()
+    return {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next}
+
+
+def random_state_from_checkpoint(state) -> tuple:
+    """Inverse of :func:`random_state_to_checkpoint`; a tuple (checkpoints written before it) passes unchanged."""
+    if isinstance(state, tuple):
+        return state
+    return state["version"], tuple(int(x) for x in state["internal"].tolist()), state["gauss_next"]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
+    """``torch.load(path, weights_only=True)``; a file holding any other object is refused, not executed."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "unsupported" in ln.lower()), lines[-1] if lines else type(err).__name__)
+        raise pickle.UnpicklingError(
+            f"checkpoint {path} holds objects other than tensors, numbers, strings and containers; refusing to "
+            f"load it (torch.load weights_only=True: {reason})") from err
 
 
 def load_start(config: TrainConfig, device: torch.device):
@@ -99,20 +160,21 @@ class Run:
 
     # ---------------------------------------------------------------- checkpoints
     def state(self, step: int) -> dict:
+        """Everything a resume needs, in :func:`checkpoint_safe` form."""
         modules = {name: getattr(self, name) for name in self.stateful}
-        return {
+        return checkpoint_safe({
             "step": step,
             **{name: m.state_dict() if m is not None else None for name, m in modules.items()},
             "generators": [g.get_state() for g in self.generators],
-            "prompt_rng": self.prompt_rng.getstate(),
+            "prompt_rng": random_state_to_checkpoint(self.prompt_rng),
             "rows": self.rows,
             "base_eval": self.base_eval,
             "config": self.config.to_dict(),
             **self.extra_state(),
-        }
+        })
 
     def restore(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        state = load_checkpoint(path, map_location=self.device)
         if state["config"] != self.config.to_dict():
             raise ValueError(f"checkpoint {path} was written by a different config; refusing to resume")
         for name in self.stateful:
@@ -120,7 +182,7 @@ class Run:
                 getattr(self, name).load_state_dict(state[name])
         for g, s in zip(self.generators, state["generators"]):
             g.set_state(s)
-        self.prompt_rng.setstate(state["prompt_rng"])
+        self.prompt_rng.setstate(random_state_from_checkpoint(state["prompt_rng"]))
         self.load_extra_state(state)
         self.rows, self.base_eval, self.start_step = state["rows"], state["base_eval"], state["step"] + 1
 
