@@ -50,8 +50,8 @@ class ToyRun(Run):
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return {"reward_mean": float(loss.detach()), "pick": pick, "np_value": np.float64(pick) / 7, "np_count": np.int64(pick),
-                "label": "toy", "missing": math.nan}
+        return {"reward_mean": float(loss.detach()), "pick": pick, "np_value": np.float64(pick) / 7,
+                "np_count": np.int64(pick), "label": "toy", "missing": math.nan}
 
     def evaluate(self):
         return {"accuracy": float(self.policy.weight.detach().sum())}

@@ -63,7 +63,7 @@ def group_advantages(
     - ``"group"``:                   (R - m_g) / (s_g + eps). GRPO (arXiv 2402.03300 Sec. 4.1.2); TRL
       ``scale_rewards="group"``; AReaL ``mean_level=group, std_level=group``.
     - ``"group_mean_batch_std"``:    (R - m_g) / (s + eps), s of the RAW rewards. TRL ``scale_rewards="batch"``.
-    - ``"group_mean_residual_std"``: (R - m_g) / (r + eps), r = sqrt(sum (R - m_g)^2 / (N - 1)). AReaL
+    - ``"group_mean_residual_std"``: (R - m_g) / (r + eps), r = sqrt(sum (R - m_g)^2 / (N - 1)), N = B. AReaL
       ``mean_level=group, std_level=batch`` (its LitePPO configuration, arXiv 2508.08221): AReaL takes
       the batch std about the group means it subtracted.
     - ``"batch"``:                   (R - m) / (s + eps), no group mean. AReaL ``mean_level=batch,

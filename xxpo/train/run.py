@@ -73,7 +73,8 @@ def checkpoint_safe(obj, where: str = "state"):
         out = type(obj)()
         for k, v in obj.items():
             if type(k) not in (str, int):
-                raise TypeError(f"checkpoint entry {where} has a key of type {type(k).__name__}; keys must be str or int")
+                raise TypeError(f"checkpoint entry {where} has a key of type {type(k).__name__}; "
+                                "keys must be str or int")
             out[k] = checkpoint_safe(v, f"{where}[{k!r}]")
         if hasattr(obj, "_metadata"):
             out._metadata = checkpoint_safe(obj._metadata, f"{where}._metadata")
