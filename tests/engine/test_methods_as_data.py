@@ -179,3 +179,21 @@ def test_overlong_penalty_enters_the_reward(base):
     assert row["train_accuracy"] == plain["train_accuracy"]
     assert row["reward_mean"] < plain["reward_mean"]
     assert "frac_overlong_penalized" not in plain
+
+
+# ------------------------------------------------------------------ Routing Replay in the loop
+
+
+def test_routing_replay_trains_an_moe_model_and_is_refused_on_a_dense_one():
+    base_model(TrainConfig().task, "tiny-moe", seed=0)
+    rows = []
+    # one minibatch: every row is on-policy, so under a correct replay (each row given ITS OWN routing, in the
+    # shuffled minibatch order) every ratio is 1 up to float rounding; a misaligned replay would route rows
+    # through other rows' experts and move the ratios
+    config = TrainConfig.from_preset("grpo", model="tiny-moe", steps=2, eval_every=2, eval_n=10, progress=False,
+                                     prompts_per_step=4, group_size=4, minibatches=1, routing_replay=True)
+    train(config, callback=lambda s, r: rows.append(r))
+    assert all(r["time_routing"] > 0 for r in rows)
+    assert all(abs(r["ratio_max"] - 1) < 1e-4 and abs(r["ratio_min"] - 1) < 1e-4 for r in rows), rows
+    with pytest.raises(ValueError, match="routing_replay"):
+        train(TrainConfig.from_preset("grpo", steps=1, progress=False, routing_replay=True))

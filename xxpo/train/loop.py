@@ -290,10 +290,15 @@ class Trainer(Run):
         if self.ref_logp is not None:
             extra["ref_logp"] = self.ref_logp
 
+        routing = None  # Routing Replay: the experts the behaviour policy chose, reused by every training forward
+        if c.routing_replay:
+            t0 = time.perf_counter()
+            routing = self.lagged.routing(rollout)  # (L, B, P+T, k)
+            row["time_routing"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if self.prox == "recompute" or c.prox_error:
             with torch.no_grad():  # pi_prox = the policy at the start of this update: one extra forward
-                prox = response_logprobs(self.policy, rollout, c.temperature)  # (B, T)
+                prox = response_logprobs(self.policy, rollout, c.temperature, routing=routing)  # (B, T)
             extra["prox_logp" if self.prox == "recompute" else "prox_recomputed"] = prox
         self.prox_seconds = time.perf_counter() - t0 if self.prox == "recompute" else 0.0
 
@@ -313,7 +318,8 @@ class Trainer(Run):
                 for idx in perm.chunk(n_mb):
                     mb = rollout.select(idx)
                     extra_mb = {k: v[idx] for k, v in extra.items()}
-                    logp, entropy = response_logprobs(self.policy, mb, c.temperature, with_entropy=True)
+                    logp, entropy = response_logprobs(self.policy, mb, c.temperature, with_entropy=True,
+                                                      routing=None if routing is None else routing[:, idx])
                     out = self.objective(mb, logp, adv[idx], extra_mb, step)
                     self.optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
