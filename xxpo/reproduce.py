@@ -3,7 +3,9 @@
 ``full`` executes a notebook in place: its outputs are the record the book shows. ``smoke`` executes a
 copy in a scratch directory (CI). After a run, the notebook's metadata gets ``xxpo.code_hash``, the hash
 of its code cells; a test compares it with the current cells, so a record whose code changed after it
-was produced is caught as stale.
+was produced is caught as stale. It also gets ``xxpo.verdicts``: the verdicts that
+:func:`xxpo.experiments.publish` emitted, moved out of the outputs (:func:`collect_verdicts`); the book's
+claims ledger reads them there.
 """
 
 from __future__ import annotations
@@ -28,6 +30,25 @@ def code_hash(nb) -> str:
     return h.hexdigest()
 
 
+def collect_verdicts(nb) -> list[dict]:
+    """Take every :data:`~xxpo.verdicts.VERDICT_MIME` output out of ``nb`` (in cell order) and return the
+    verdicts it held. The other representations of the output (the HTML table) stay; the JSON leaves the
+    outputs because the book cannot render an unknown MIME type. Raises if a claim id appears twice."""
+    from xxpo.verdicts import VERDICT_MIME
+
+    verdicts = []
+    for cell in nb.cells:
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            data = output.get("data", {})
+            if VERDICT_MIME in data:
+                verdicts.extend(data.pop(VERDICT_MIME)["verdicts"])
+    ids = [v["claim"]["id"] for v in verdicts]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ValueError(f"claim ids published more than once: {duplicates}")
+    return verdicts
+
+
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
@@ -41,7 +62,8 @@ def run_notebook(path: Path, profile: str, output: Path) -> dict:
         papermill.execute_notebook(str(path), str(output), parameters={"profile": profile}, kernel_name="python3",
                                    cwd=str(path.parent), progress_bar=False)
         nb = nbformat.read(output, as_version=4)
-        nb.metadata.setdefault("xxpo", {}).update(code_hash=code_hash(nb), profile=profile)
+        verdicts = collect_verdicts(nb)
+        nb.metadata.setdefault("xxpo", {}).update(code_hash=code_hash(nb), profile=profile, verdicts=verdicts)
         nbformat.write(nb, output)
         ok, error = True, None
     except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback

@@ -13,6 +13,9 @@ a figure cannot drift from the code it describes:
   ``ratio-spread``), inlined as SVG, numbered and captioned like a ``{figure}``.
 - ``{api-summary} MODULE``: every public name of MODULE (its ``__all__``) with its signature and the
   first line of its docstring.
+- ``{claims-ledger}``: every claim of ``xxpo.verdicts.CLAIMS`` with the verdicts that the committed
+  notebooks store in their metadata (``nb.metadata["xxpo"]["verdicts"]``, written by ``xxpo reproduce``);
+  a claim no notebook has tested yet is listed as "not yet tested".
 
 Registered through ``sphinx.local_extensions`` in ``_config.yml``.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 
 from docutils import nodes
 from docutils.parsers.rst import directives
+from sphinx import addnodes
 from sphinx.util.docutils import SphinxDirective
 
 REPO = Path(__file__).resolve().parents[2]
@@ -485,6 +489,8 @@ def api_entries(module_name: str) -> list[tuple[str, str, str]]:
             entries.append(("class", signature_text(name, obj), summary_line(obj)))
         elif callable(obj):
             entries.append(("function", signature_text(name, obj), summary_line(obj)))
+        elif len(repr(obj)) > 200:  # a registry (e.g. xxpo.experiments.CLAIMS): its size, not its repr
+            entries.append(("constant", f"{name}: {type(obj).__name__} of {len(obj)} entries", ""))
         else:
             entries.append(("constant", f"{name} = {obj!r}", ""))
     return entries
@@ -524,6 +530,131 @@ class ApiSummary(XxpoDirective):
         return [dl]
 
 
+# ----------------------------------------------------------------------------------------------------
+# the claims ledger
+# ----------------------------------------------------------------------------------------------------
+
+
+def notebook_records(paths) -> list[dict]:
+    """What the ledger needs from each executed notebook: its docname, profile, staleness and verdicts."""
+    import nbformat
+
+    from xxpo.reproduce import code_hash
+
+    records = []
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        stamp = nb.metadata.get("xxpo", {})
+        records.append({"docname": Path(path).resolve().relative_to(REPO).with_suffix("").as_posix(),
+                        "profile": stamp.get("profile"), "stale": stamp.get("code_hash") != code_hash(nb),
+                        "verdicts": list(stamp.get("verdicts", []))})
+    return records
+
+
+def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
+    """One row per registered claim, followed by one row per verdict of it (from any notebook).
+
+    A claim row's ``verdict`` is "not yet tested" or the count of its verdicts' outcomes. Raises
+    ``ValueError`` for a verdict whose claim family is not registered, so the ledger cannot drift.
+    """
+    from xxpo.verdicts import Rules, claim_family, measured_text
+
+    defaults = dataclasses.asdict(Rules())
+    tested: dict[str, list] = {cid: [] for cid in claims}
+    for record in records:
+        for verdict in record["verdicts"]:
+            try:
+                family = claim_family(verdict["claim"]["id"])
+            except ValueError as err:
+                raise ValueError(f"{record['docname']}: {err}") from None
+            tested[family].append((record, verdict))
+    rows = []
+    for cid, claim in claims.items():
+        found = sorted(tested[cid], key=lambda rv: (rv[1]["claim"]["id"], rv[0]["docname"]))
+        outcomes = [v["outcome"] for _, v in found]
+        tally = ", ".join(f"{outcomes.count(o)} {o}" for o in ("reproduced", "not reproduced", "inconclusive")
+                          if outcomes.count(o))
+        rows.append({"claim": cid, "statement": claim.statement, "source": claim.source, "notebook": None,
+                     "note": "", "measured": "", "verdict": tally or "not yet tested", "reason": ""})
+        for record, v in found:
+            changed = ", ".join(f"{k} = {fmt(x)}" for k, x in v["rules"].items() if x != defaults.get(k))
+            note = "; ".join(x for x in ("stale record: its code changed after the run" if record["stale"] else "",
+                                         f"profile {record['profile']}" if record["profile"] != "full" else "",
+                                         f"rules: {changed}" if changed else "") if x)
+            rows.append({"claim": v["claim"]["id"], "statement": v["claim"]["statement"],
+                         "source": v["claim"]["source"], "notebook": record["docname"], "note": note,
+                         "measured": measured_text(v), "verdict": v["outcome"], "reason": v["reason"]})
+    return rows
+
+
+class ClaimsLedger(XxpoDirective):
+    """The claims ledger: every registered claim, each notebook verdict of it, its numbers."""
+
+    sources = ("xxpo/verdicts.py",)
+
+    def run(self):
+        from xxpo.verdicts import CLAIMS, Rules
+
+        paths = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))  # the record of the book being built
+        self.note_sources(*(p.relative_to(REPO).as_posix() for p in paths))
+        try:
+            rows = ledger_rows(notebook_records(paths), CLAIMS)
+        except ValueError as err:
+            raise self.error(str(err))
+        table = nodes.table(classes=["xxpo-table", "xxpo-claims-ledger", "colwidths-given"], width="100%")
+        headers = ("claim", "statement and source", "notebook", "measured", "verdict")
+        group = nodes.tgroup(cols=len(headers))
+        table += group
+        for width in (6, 40, 14, 20, 20):  # percent of the text column
+            group += nodes.colspec(colwidth=width)
+        head = nodes.thead()
+        head += nodes.row("", *(cell(h) for h in headers))
+        group += head
+        body = nodes.tbody()
+        family_source = None
+        for row in rows:
+            family = row["notebook"] is None
+            statement = nodes.paragraph()
+            statement += nodes.strong(text=row["statement"]) if family else nodes.Text(row["statement"])
+            paragraphs = [statement]
+            if family or row["source"] != family_source:  # a verdict row repeats no source
+                source = nodes.paragraph()
+                source += nodes.emphasis(text=row["source"])
+                paragraphs.append(source)
+            family_source = row["source"] if family else family_source
+            notebook = nodes.paragraph()
+            if row["notebook"] is not None:
+                if row["notebook"] in self.env.found_docs:
+                    ref = addnodes.pending_xref("", refdomain="std", reftype="doc", reftarget="/" + row["notebook"],
+                                                refexplicit=True, refwarn=True, refdoc=self.env.docname)
+                    ref += nodes.inline(text=Path(row["notebook"]).name)
+                    notebook += ref
+                else:
+                    notebook += nodes.Text(Path(row["notebook"]).name)
+                if row["note"]:
+                    notebook += nodes.Text(f" ({row['note']})")
+            verdict = nodes.paragraph()
+            verdict += nodes.strong(text=row["verdict"]) if not family else nodes.Text(row["verdict"])
+            if row["reason"]:
+                verdict += nodes.Text(f": {row['reason']}")
+            claim = nodes.paragraph()
+            claim += nodes.strong(text=row["claim"]) if family else nodes.Text(row["claim"])
+            measured = nodes.paragraph(text=row["measured"])
+            cells = [claim, paragraphs, notebook, measured, verdict]
+            body += nodes.row("", *(nodes.entry("", *(c if isinstance(c, list) else [c])) for c in cells),
+                              classes=["xxpo-ledger-claim" if family else "xxpo-ledger-verdict"])
+        group += body
+        rules = nodes.paragraph()
+        rules += nodes.Text("Default rules (")
+        rules += nodes.literal(text="xxpo.experiments.Rules()")
+        rules += nodes.Text("): ")
+        for i, (key, value) in enumerate(dataclasses.asdict(Rules()).items()):
+            rules += nodes.Text(", " if i else "")
+            rules += nodes.literal(text=f"{key} = {fmt(value)}")
+        rules += nodes.Text(".")
+        return [table, rules]
+
+
 def setup(app):
     app.add_directive("presets-table", PresetsTable)
     app.add_directive("presets-changes", PresetsChanges)
@@ -532,4 +663,5 @@ def setup(app):
     app.add_directive("preset-settings", PresetSettings)
     app.add_directive("xxpo-figure", XxpoFigure)
     app.add_directive("api-summary", ApiSummary)
+    app.add_directive("claims-ledger", ClaimsLedger)
     return {"version": "0.1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -484,3 +484,97 @@ def test_math_and_tables_fit_the_text_column(html_dir, chromium, tmp_path, page)
     m = re.search(r'data-wide="([^"]*)"', proc.stdout)
     assert m, f"{page}: the width probe did not run\n{proc.stderr[-2000:]}"
     assert html.unescape(m.group(1)) == "[]", f"{page}: wider than the text column: {html.unescape(m.group(1))}"
+
+
+# ----------------------------------------------------------------------------------------------------
+# the claims ledger
+# ----------------------------------------------------------------------------------------------------
+
+
+def book_extension():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("xxpo_book_under_test", BOOK / "_ext" / "xxpo_book.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def synthetic_verdict(claim_id="C6b"):
+    import pandas as pd
+
+    from xxpo.experiments import Claim, decide
+
+    rows = [dict(arm=arm, seed=s, base_eval_accuracy=0.3, final_eval_accuracy=final + 0.01 * s,
+                 best_eval_accuracy=final + 0.01 * s) for s in range(5) for arm, final in (("GSPO", 0.45), ("GRPO", 0.40))]
+    claim = Claim(claim_id, "GSPO's accuracy is at least GRPO's - 0.02", metric="final_eval_accuracy", a="GSPO",
+                  b="GRPO", kind="non-inferiority", margin=0.02)
+    return decide(claim, pd.DataFrame(rows)).to_dict()
+
+
+def test_ledger_rows_list_every_claim_and_each_notebook_verdict():
+    from xxpo.verdicts import CLAIMS, measured_text
+
+    ext = book_extension()
+    verdict = synthetic_verdict()
+    records = [{"docname": "notebooks/01_x", "profile": "full", "stale": False, "verdicts": [verdict]},
+               {"docname": "notebooks/02_y", "profile": "full", "stale": True, "verdicts": []}]
+    rows = ext.ledger_rows(records, CLAIMS)
+    family_rows = [r for r in rows if r["notebook"] is None]
+    assert [r["claim"] for r in family_rows] == list(CLAIMS)
+    by_id = {r["claim"]: r for r in family_rows}
+    assert by_id["C6"]["verdict"] == "1 reproduced"
+    assert all(by_id[c]["verdict"] == "not yet tested" for c in CLAIMS if c != "C6")
+    (row,) = [r for r in rows if r["notebook"] is not None]
+    assert rows.index(row) == rows.index(by_id["C6"]) + 1  # under its family claim
+    assert row["claim"] == "C6b" and row["verdict"] == "reproduced" and row["note"] == ""
+    assert row["measured"] == measured_text(verdict) and "GSPO - GRPO = +0.050" in row["measured"]
+
+    stale = ext.ledger_rows([{**records[0], "stale": True, "profile": "smoke"}], CLAIMS)
+    assert "stale record" in stale[rows.index(row)]["note"] and "profile smoke" in stale[rows.index(row)]["note"]
+    verdict["claim"]["id"] = "C99a"
+    with pytest.raises(ValueError, match="notebooks/01_x.*C99"):
+        ext.ledger_rows([{**records[0], "verdicts": [verdict]}], CLAIMS)
+
+
+def test_ledger_page_follows_the_claims_marker_in_the_toc():
+    lines = (REPO / "_toc.yml").read_text().splitlines()
+    marker = next(i for i, line in enumerate(lines) if "# toc:claims" in line)
+    assert lines[marker + 1].strip() == "- file: book/claims"
+    assert directives((BOOK / "claims.md").read_text(), "claims-ledger") == [("", {})]
+
+
+@pytest.mark.slow
+def test_ledger_page_lists_every_claim_and_the_committed_verdicts(html_dir):
+    from xxpo.experiments import CLAIMS, Rules
+    from xxpo.reproduce import notebooks
+
+    (rows,) = tables(html_dir / "book" / "claims.html", "xxpo-claims-ledger")
+    header, *body = rows
+    assert header == ["claim", "statement and source", "notebook", "measured", "verdict"]
+    shown = {r[0]: [c.replace("\u2019", "'") for c in r] for r in body}  # Sphinx's smart quotes
+    for cid, claim in CLAIMS.items():
+        assert cid in shown, f"{cid} missing from the ledger"
+        assert claim.statement in shown[cid][1] and claim.source in shown[cid][1]
+    committed = [v for p in notebooks() for v in nbformat.read(p, as_version=4).metadata.get("xxpo", {}).get("verdicts", [])]
+    for v in committed:
+        assert v["claim"]["id"] in shown and shown[v["claim"]["id"]][4].startswith(v["outcome"])
+    untested = {cid for cid in CLAIMS} - {v["claim"]["id"].rstrip("abcdefghijklmnopqrstuvwxyz") for v in committed}
+    assert all(shown[cid][4] == "not yet tested" for cid in untested)
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", (html_dir / "book" / "claims.html").read_text())).split())
+    assert f"min_seeds = {Rules().min_seeds}" in text
+
+
+@pytest.mark.slow
+def test_api_page_lists_the_experiment_layer(html_dir):
+    import xxpo.experiments
+
+    text = html.unescape(re.sub(r"<[^>]+>", "", (html_dir / "book" / "api.html").read_text()))
+    for name in xxpo.experiments.__all__:
+        assert re.search(rf"\b{name}\b", text), f"xxpo.experiments.{name} missing from the API page"
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+def test_claims_ledger_fits_the_text_column(html_dir, chromium, tmp_path):
+    test_math_and_tables_fit_the_text_column(html_dir, chromium, tmp_path, "claims")

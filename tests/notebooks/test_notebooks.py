@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import nbformat
@@ -64,3 +65,74 @@ def test_a_bad_parameter_fails_the_notebook_with_a_clear_error(tmp_path):
     with pytest.raises(papermill.PapermillExecutionError, match="seeds"):
         papermill.execute_notebook(str(NOTEBOOKS[0]), str(tmp_path / "bad.ipynb"), parameters={"profile": "smoke", "seeds": [-1]},
                                    kernel_name="python3", progress_bar=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# verdicts: published by xxpo.experiments.publish, moved into the metadata by xxpo reproduce
+# ---------------------------------------------------------------------------------------------------
+
+VERDICT_CELL = '''
+import pandas as pd
+from xxpo.experiments import Claim, decide, publish
+
+rows = []
+for seed in range(5):
+    rows.append(dict(arm="GSPO", seed=seed, base_eval_accuracy=0.3, final_eval_accuracy=0.45 + 0.01 * seed,
+                     best_eval_accuracy=0.46 + 0.01 * seed))
+    rows.append(dict(arm="GRPO", seed=seed, base_eval_accuracy=0.3, final_eval_accuracy=0.40,
+                     best_eval_accuracy=0.41))
+runs = pd.DataFrame(rows)
+claims = [
+    Claim("C6b", "GSPO's accuracy is at least GRPO's - 0.02", metric="final_eval_accuracy", a="GSPO", b="GRPO",
+          kind="non-inferiority", margin=0.02),
+    Claim("C6c", "GRPO beats GSPO", metric="final_eval_accuracy", a="GRPO", b="GSPO"),
+]
+publish([decide(c, runs) for c in claims])
+'''
+
+
+def test_reproduce_moves_published_verdicts_into_the_metadata(tmp_path):
+    from xxpo.reproduce import run_notebook
+    from xxpo.verdicts import VERDICT_MIME
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell('profile = "full"', metadata={"tags": ["parameters"]}),
+                nbformat.v4.new_code_cell(VERDICT_CELL)]
+    source = tmp_path / "99_synthetic.ipynb"
+    nbformat.write(nb, source)
+    result = run_notebook(source, "smoke", tmp_path / "out.ipynb")
+    assert result["ok"], result["error"]
+    executed = nbformat.read(tmp_path / "out.ipynb", as_version=4)
+    stamp = executed.metadata["xxpo"]
+    assert stamp["code_hash"] == code_hash(executed) and stamp["profile"] == "smoke"
+    verdicts = {v["claim"]["id"]: v for v in stamp["verdicts"]}
+    assert set(verdicts) == {"C6b", "C6c"}
+    assert verdicts["C6b"]["outcome"] == "reproduced" and verdicts["C6c"]["outcome"] == "not reproduced"
+    assert verdicts["C6b"]["a_values"] == pytest.approx([0.45, 0.46, 0.47, 0.48, 0.49])
+    outputs = [o for c in executed.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any(VERDICT_MIME in o.get("data", {}) for o in outputs)  # moved, not copied: the book can render
+    html = [o["data"]["text/html"] for o in outputs if "text/html" in o.get("data", {})]
+    assert len(html) == 1 and "C6b" in html[0] and "not reproduced" in html[0]
+
+
+def test_collect_verdicts_rejects_a_claim_published_twice():
+    from xxpo.reproduce import collect_verdicts
+    from xxpo.verdicts import VERDICT_MIME
+
+    verdict = {"claim": {"id": "C6b"}, "outcome": "inconclusive"}
+    output = nbformat.v4.new_output("display_data", data={VERDICT_MIME: {"verdicts": [verdict]}, "text/plain": "t"})
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("x", outputs=[output]), nbformat.v4.new_code_cell("y", outputs=[copy.deepcopy(output)])]
+    with pytest.raises(ValueError, match="C6b"):
+        collect_verdicts(nb)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_records_keep_verdicts_in_metadata_not_outputs(path):
+    from xxpo.verdicts import VERDICT_MIME
+
+    nb = nbformat.read(path, as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not any(VERDICT_MIME in o.get("data", {}) for o in outputs), (
+        f"{path.name}: a verdict output was not moved into the metadata; run it with `xxpo reproduce`")
