@@ -338,3 +338,29 @@ def test_tuning_seeds_overlapping_reported_seeds_is_an_error(monkeypatch):
 def test_bad_grids_are_rejected(grid, match):
     with pytest.raises(ValueError, match=match):
         select_hparams(ARMS, grid, tuning_seeds=[10], reported_seeds=SEEDS)
+
+
+def test_the_module_docstring_example_runs(monkeypatch, capsys):
+    """The notebook in xxpo.experiments' docstring, with run_grid replaced by synthetic runs."""
+    import re
+    import textwrap
+
+    def fake_run_grid(arms, seeds, *, cache_dir=None, progress=True):
+        steps, runs = [], []
+        for label, config in arms.items():
+            gspo = config.method == "gspo"
+            for seed in seeds:
+                final = 0.45 + 0.01 * seed + (0.02 if gspo else 0.0) - 100 * abs(config.lr - 3e-4)
+                for step in range(3):
+                    steps.append({"arm": label, "seed": seed, "step": step, "clip_frac": (0.2 if gspo else 0.002) * (1 + 0.1 * step)})
+                runs.append({"arm": label, "seed": seed, "base_eval_accuracy": BASE, "final_eval_accuracy": final,
+                             "best_eval_accuracy": max(BASE, final), "gain": final - BASE})
+        return ex.GridResult(pd.DataFrame(steps), pd.DataFrame(runs))
+
+    monkeypatch.setattr(ex, "run_grid", fake_run_grid)
+    example = textwrap.dedent(re.search(r"top to bottom::\n\n(.*?)\n\n\*\*The cache", ex.__doc__, re.S).group(1))
+    scope = {"display": lambda obj: None}
+    exec(compile(example, "xxpo.experiments docstring", "exec"), scope)
+    assert scope["tuned"].chosen == {"GRPO": {"lr": 3e-4}, "GSPO": {"lr": 3e-4}}
+    printed = capsys.readouterr().out
+    assert "C6a" in printed and "C6b" in printed and "reproduced" in printed
