@@ -115,7 +115,7 @@ class MethodPreset:
 
 _PG = ("clip_eps_low", "clip_eps_high")  # every clipped objective's keywords
 _AGG = ("loss_agg_mode", "norm_len")
-_KL = ("ref_logp", "kl_coef", "kl_estimator")
+_KL = ("ref_logp", "kl_coef", "kl_estimator", "kl_is_correction")
 
 PRESETS: dict[str, MethodPreset] = {
     "trpo": MethodPreset(

@@ -126,7 +126,7 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(base):
         seen.append(row)
 
     config = TrainConfig.from_preset("dapo", steps=3, eval_every=3, eval_n=20, progress=False, prompts_per_step=8,
-                                     group_size=4, overlong_buffer=None)
+                                     group_size=4, overlong_buffer=0)
     train(config, callback=keep_rows)
     for row in seen:
         # base accuracy ~0.3 with G = 4: some groups are all wrong, so one rollout rarely suffices
@@ -148,7 +148,7 @@ def test_dynamic_sampling_trains_only_on_groups_with_mixed_answers(base, monkeyp
 
     monkeypatch.setattr(loop.Trainer, "advantages", spy)
     train(TrainConfig.from_preset("dapo", steps=2, eval_every=2, eval_n=10, progress=False, prompts_per_step=8,
-                                  group_size=4, overlong_buffer=None, max_sampling_rounds=2))
+                                  group_size=4, overlong_buffer=0, max_sampling_rounds=2))
     for grouped in batches:
         assert ((grouped.amax(-1) > grouped.amin(-1))).all()  # no all-equal group reaches the loss
         assert len(grouped) <= 8
@@ -157,7 +157,7 @@ def test_dynamic_sampling_trains_only_on_groups_with_mixed_answers(base, monkeyp
 def test_dynamic_sampling_is_bounded(base):
     rows = []
     train(TrainConfig.from_preset("dapo", steps=2, eval_every=2, eval_n=10, progress=False, prompts_per_step=8,
-                                  group_size=2, overlong_buffer=None, max_sampling_rounds=1), callback=lambda s, r: rows.append(r))
+                                  group_size=2, overlong_buffer=0, max_sampling_rounds=1), callback=lambda s, r: rows.append(r))
     assert all(r["rollouts"] == 1 and r["samples_generated"] == 16 for r in rows)
     assert all(r["groups_trained"] < 8 for r in rows)  # one round cannot fill 8 informative pairs at ~30 % accuracy
 
@@ -172,7 +172,7 @@ def test_overlong_penalty_enters_the_reward(base):
     off = []
     train(TrainConfig.from_preset("dapo", task="add2_scratch", steps=1, eval_every=1, eval_n=10, progress=False,
                                   prompts_per_step=8, group_size=4, dynamic_sampling=False, max_new_tokens=12,
-                                  overlong_buffer=None), callback=lambda s, r: off.append(r))
+                                  overlong_buffer=0), callback=lambda s, r: off.append(r))
     [row], [plain] = rows, off
     assert row["frac_overlong_penalized"] > 0
     # same seed, same samples: the reward falls by the penalty and accuracy is unchanged

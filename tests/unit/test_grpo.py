@@ -196,3 +196,41 @@ def test_grpo_function_default_kl_coef_is_zero_and_the_preset_keeps_the_papers_b
 
     assert inspect.signature(grpo_loss).parameters["kl_coef"].default == 0.0
     assert PRESETS["grpo"].hparams["kl_coef"] == 0.04
+
+
+def test_kl_is_correction_restores_the_reverse_kl_gradient_on_off_policy_samples():
+    """Issue 8 item 5: on samples from pi_old, the k3 term's gradient is biased; weighted by pi_theta/pi_old,
+    its expectation is the exact gradient of KL(pi_theta || pi_ref). Checked on a 5-token vocabulary by
+    enumerating every token (the exact expectation under pi_old), against autograd of the closed-form KL."""
+    torch.manual_seed(0)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    old = torch.randn(5, dtype=torch.float64).log_softmax(-1)  # pi_old: the sampler
+    ref = torch.randn(5, dtype=torch.float64).log_softmax(-1)
+    logp_all = theta.log_softmax(-1)
+    exact = torch.autograd.grad((logp_all.exp() * (logp_all - ref)).sum(), theta)[0]  # grad KL(pi_theta || pi_ref)
+
+    def expected_grad(correct: bool) -> torch.Tensor:
+        total = torch.zeros(5, dtype=torch.float64)
+        for y in range(5):  # every token is a one-token response, weighted by its sampling probability pi_old(y)
+            logp = theta.log_softmax(-1)[y].reshape(1, 1)
+            out = grpo_loss(logp, old[y].reshape(1, 1), torch.zeros(1, dtype=torch.float64),
+                            torch.ones(1, 1, dtype=torch.float64), ref_logp=ref[y].reshape(1, 1), kl_coef=1.0,
+                            kl_is_correction=correct)
+            total += old[y].exp() * torch.autograd.grad(out.loss, theta)[0]
+        return total
+
+    assert torch.allclose(expected_grad(True), exact, atol=1e-12)
+    assert not torch.allclose(expected_grad(False), exact, atol=1e-3)  # uncorrected: biased off-policy
+
+
+def test_kl_is_correction_value_is_ratio_times_k3_and_rejects_non_bool():
+    torch.manual_seed(1)
+    logp, old, ref_logp = (torch.randn(3, 4, dtype=torch.float64) * 0.3 - 1 for _ in range(3))
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.float64)
+    adv = torch.zeros(3, dtype=torch.float64)
+    out = grpo_loss(logp, old, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_is_correction=True)
+    log_rho = ref_logp - logp
+    expected = torch.exp(logp - old) * (torch.exp(log_rho) - 1 - log_rho)  # r * k3, written out
+    assert float(out.metrics["kl"]) == pytest.approx(float((expected * mask).sum() / mask.sum()), rel=1e-6)
+    with pytest.raises(TypeError, match="kl_is_correction"):
+        grpo_loss(logp, old, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_is_correction=1)

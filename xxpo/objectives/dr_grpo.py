@@ -32,6 +32,7 @@ def dr_grpo_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_is_correction: bool = False,
 ) -> LossOutput:
     """Dr. GRPO's loss: GRPO's per-token term summed and divided by ``B * norm_len`` (B, T tensors).
 
@@ -47,6 +48,7 @@ def dr_grpo_loss(
         ref_logp=ref_logp,
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
+        kl_is_correction=kl_is_correction,
         loss_agg_mode="seq-mean-token-sum-norm",
         norm_len=norm_len,
     )

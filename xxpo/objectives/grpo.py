@@ -33,6 +33,7 @@ def grpo_loss(
     ref_logp: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
+    kl_is_correction: bool = False,
     loss_agg_mode: str = "seq-mean-token-mean",
     norm_len: int | None = None,
     dual_clip_c: float | None = None,
@@ -41,11 +42,17 @@ def grpo_loss(
 
     ``seq-mean-token-mean`` is the paper's 1/G sum_i 1/|o_i| sum_t. With ``kl_coef > 0``, ``ref_logp``
     (B, T) is required and ``kl_coef * KL_t`` is added to every token's loss before aggregation.
+    The KL estimators assume tokens sampled from pi_theta; on every minibatch after the first (or with
+    stale data) they come from pi_old. ``kl_is_correction=True`` multiplies the per-token estimate by
+    r = pi_theta / pi_old (with its gradient), which makes k3's expected gradient the reverse-KL gradient
+    again (DeepSeek-V3.2; TRL ``use_bias_correction_kl``); the paper and the default leave it uncorrected.
     Metrics: those of ``ppo_loss`` plus ``kl`` (mean per-token estimate) when ``ref_logp`` is given.
     """
     adv, m = check_policy_inputs(logp, old_logp, advantages, mask)
     eps_low, eps_high = check_clip(clip_eps_low, clip_eps_high)
     check_number("kl_coef", kl_coef, low=0)
+    if not isinstance(kl_is_correction, bool):
+        raise TypeError(f"kl_is_correction must be a bool, got {type(kl_is_correction).__name__}")
     check_number("dual_clip_c", dual_clip_c, low=1, low_inclusive=False, allow_none=True)
     if kl_coef > 0 and ref_logp is None:
         raise ValueError("ref_logp is required when kl_coef > 0")
@@ -56,7 +63,9 @@ def grpo_loss(
     if ref_logp is not None:
         check_tensor("ref_logp", ref_logp, ndim=2)
         check_same_shape("logp", logp, ref_logp=ref_logp)
-        kl = kl_penalty(logp, ref_logp, kl_estimator)  # (B, T)
+        kl = kl_penalty(logp, ref_logp, kl_estimator)  # (B, T), unbiased only for samples from pi_theta
+        if kl_is_correction:  # samples come from pi_old: weight by pi_theta / pi_old (ratio keeps its gradient)
+            kl = ratio * kl  # (B, T)
         loss_mat = loss_mat + kl_coef * kl
         metrics.update(detached(kl=masked_mean(kl, m)))
     return LossOutput(aggregate(loss_mat, m, loss_agg_mode, norm_len), metrics)

@@ -52,10 +52,13 @@ class TrainConfig:
     clip_eps_high: float | None = _f(None, "Upper clip range (None: the preset's)")
     dual_clip_c: float | None = _f(None, "Dual-clip constant c > 1 (None = off)")
     loss_agg_mode: str | None = _f(None, "Aggregation: " + ", ".join(LOSS_AGG_MODES) + " (None: the preset's)")
-    adv_norm: str | None = _f(None, "Group-advantage scale: group, batch or none (None: the preset's)")
+    adv_norm: str | None = _f(None, "Advantage scale (xxpo.functional.group_advantages): " + ", ".join(ADV_NORMS)
+                              + " (None: the preset's)")
     adv_eps: float = _f(1e-6, "Epsilon added to the std in advantage normalization")
     kl_coef: float | None = _f(None, "Coefficient of the KL to the reference (None: the preset's)")
     kl_estimator: str = _f("k3", "KL estimator for the loss (k1, k2, k3)")
+    kl_is_correction: bool = _f(False, "Weight the KL term by pi_theta / pi_old, unbiased on off-policy minibatches "
+                                "(DeepSeek-V3.2; TRL use_bias_correction_kl); False as in GRPO's paper")
     tau_pos: float = _f(1.0, "SAPO gate temperature for positive advantages")
     tau_neg: float = _f(1.05, "SAPO gate temperature for negative advantages")
     dynamic_sampling: bool | None = _f(None, "DAPO dynamic sampling: keep only groups whose rewards differ, sampling more "
@@ -63,7 +66,7 @@ class TrainConfig:
     max_sampling_rounds: int | None = _f(None, "Dynamic sampling: at most this many rollouts per step; after the last one "
                                           "the step trains on the informative groups it has (None: the preset's, else 10)")
     overlong_buffer: float | None = _f(None, "DAPO soft overlong punishment: the last fraction of max_new_tokens over which "
-                                       "the reward falls linearly to -1 (None: the preset's, else off)")
+                                       "the reward falls linearly to -1 (0 = off; None: the preset's, else off)")
     # critics
     gamma: float = _f(1.0, "GAE discount")
     lam: float = _f(0.95, "GAE lambda")
@@ -160,8 +163,8 @@ class TrainConfig:
         if self.max_sampling_rounds is not None and (isinstance(self.max_sampling_rounds, bool)
                                                      or not isinstance(self.max_sampling_rounds, int) or self.max_sampling_rounds < 1):
             raise ValueError(f"max_sampling_rounds must be a positive integer or None, got {self.max_sampling_rounds!r}")
-        if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= 1:
-            raise ValueError(f"overlong_buffer must be a fraction in (0, 1] or None, got {self.overlong_buffer}")
+        if self.overlong_buffer is not None and not 0 <= self.overlong_buffer <= 1:
+            raise ValueError(f"overlong_buffer must be a fraction in [0, 1] (0 = off) or None, got {self.overlong_buffer}")
         if self.preset_value("dynamic_sampling", False) and self.group_size < 2:
             raise ValueError("dynamic_sampling needs group_size >= 2 (it keeps groups whose rewards differ)")
         kl_coef = self.preset_value("kl_coef", 0.0)

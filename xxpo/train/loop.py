@@ -106,7 +106,7 @@ class Trainer(Run):
         self.dynamic_sampling = bool(c.preset_value("dynamic_sampling", False))
         self.max_sampling_rounds = c.preset_value("max_sampling_rounds", 10)
         buffer = c.preset_value("overlong_buffer")
-        self.overlong_cache = None if buffer is None else max(1, round(buffer * self.max_new_tokens))  # DAPO's L_cache
+        self.overlong_cache = max(1, round(buffer * self.max_new_tokens)) if buffer else None  # DAPO's L_cache
         self.sample_gen = torch.Generator().manual_seed(c.seed)
         self.shuffle_gen = torch.Generator().manual_seed(c.seed + 1)
         self.lag_gen = torch.Generator().manual_seed(c.seed + 2)
