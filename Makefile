@@ -12,7 +12,8 @@ export HF_HUB_OFFLINE := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e ".[test,notebooks,book]"
+	$(BIN)/pip install --quiet -e ".[test,notebooks,book,verl]"
+	$(BIN)/pip install --quiet --no-deps verl==0.9.1
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
