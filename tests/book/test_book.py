@@ -159,6 +159,15 @@ def _objective_metric_names() -> set[str]:
     names |= set(O.gspo_loss(logp, old, adv, mask).metrics)
     names |= set(O.gspo_token_loss(logp, old, adv, mask).metrics)
     names |= set(O.value_loss(logp, old, old, mask).metrics)
+    names |= set(O.dapo_loss(logp, old, adv, mask).metrics) | set(O.dr_grpo_loss(logp, old, adv, mask, norm_len=3).metrics)
+    names |= set(O.sapo_loss(logp, old, adv, mask).metrics)
+    names |= set(O.decoupled_ppo_loss(logp, old, old, adv, mask).metrics)
+    names |= set(O.a3po_loss(logp, old, adv, mask, staleness=2).metrics)
+    names |= set(O.sppo_seq_loss(logp, old, adv, mask).metrics)
+    names |= set(O.sequence_value_loss(torch.randn(4, generator=g), torch.rand(4, generator=g)).metrics)
+    seq = torch.randn(4, generator=g, dtype=torch.float64)
+    names |= set(O.dpo_loss(seq, seq - 1, seq * 0, seq * 0).metrics) | set(O.dpo_loss(seq, seq - 1, seq * 0, seq * 0, variant="ipo").metrics)
+    names |= set(O.sppo_selfplay_loss(seq, seq * 0, torch.rand(4, generator=g, dtype=torch.float64)).metrics)
     # TRPO on a two-action softmax policy: logits = x @ W.
     W = torch.zeros(3, 2, requires_grad=True)
     x, actions = torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
@@ -177,13 +186,37 @@ def _objective_metric_names() -> set[str]:
     return names
 
 
+# Every algorithm chapter follows DESIGN.md's skeleton: these sections, in this order (a heading may go on,
+# e.g. "What changes against GRPO" or "Experiment: GSPO against GRPO").
+ALGORITHM_CHAPTERS = ("trpo", "ppo", "grpo", "dr_grpo", "dapo", "gspo", "sapo", "decoupled_ppo", "a3po", "dpo",
+                      "sppo_selfplay", "sppo_seq")
+SKELETON = ("Quick facts", "Motivation", "Derivation", "What changes against", "Pseudocode", "Implementation",
+            "Deviations from the paper", "The paper's setting and the suite's", "Logged metrics", "Experiment",
+            "Pitfalls", "Exercises", "References and other implementations")
+
+
+@pytest.mark.parametrize("page", ALGORITHM_CHAPTERS)
+def test_every_algorithm_chapter_follows_the_skeleton(page):
+    text = (BOOK / f"{page}.md").read_text()
+    headings = re.findall(r"^## (.+)$", text, re.M)
+    positions = []
+    for part in SKELETON:
+        found = [i for i, h in enumerate(headings) if h.startswith(part)]
+        assert found, f"{page}.md has no section '{part}'"
+        positions.append(found[0])
+    assert positions == sorted(positions), f"{page}.md: skeleton sections out of order: {headings}"
+    assert "**Previously:**" in text and "{preset-facts}" in text and "{preset-settings}" in text
+    assert re.search(r"literalinclude.*\n:pyobject:", text) or ":pyobject:" in text, f"{page}.md quotes no code"
+    assert "Key equations" in text, f"{page}.md has no key equations"
+
+
 def test_documented_metrics_exist():
     """Every metric in a 'Logged metrics' table is returned by an objective; every metric the text
     says the training loop adds is recorded by the loop."""
     objective_names = _objective_metric_names()
     loop_source = (REPO / "xxpo" / "train" / "loop.py").read_text()
     checked = 0
-    for name in ("foundations.md", "grpo.md", "gspo.md"):
+    for name in (f"{page}.md" for page in ALGORITHM_CHAPTERS):
         text = section((BOOK / name).read_text(), "Logged metrics")
         for row in re.findall(r"^\| (.+?) \|", text, re.M):
             for metric in re.findall(r"`(\w+)`", row):
@@ -294,7 +327,7 @@ def test_preset_diff_marks_exactly_the_changed_fields(html_dir):
     from xxpo.presets import PRESETS
 
     child, parent = PRESETS["ppo"], PRESETS["trpo"]
-    (rows,) = tables(html_dir / "book" / "foundations.html", "xxpo-preset-diff")
+    (rows,) = tables(html_dir / "book" / "ppo.html", "xxpo-preset-diff")
     header, *body = rows
     assert header[1:3] == [parent.title, child.title]
     by_label = {r[0]: r for r in body}
@@ -306,7 +339,7 @@ def test_preset_diff_marks_exactly_the_changed_fields(html_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page, method", [("foundations", "ppo"), ("grpo", "grpo"), ("gspo", "gspo")])
+@pytest.mark.parametrize("page, method", [(page, page) for page in ALGORITHM_CHAPTERS])
 def test_preset_settings_show_preset_and_trainconfig(html_dir, page, method):
     from xxpo.presets import PRESETS
     from xxpo.train.config import TrainConfig
@@ -407,7 +440,7 @@ def chromium_args(chromium: str, user_data_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.parametrize("page", ["foundations", "grpo", "gspo", "notation"])
+@pytest.mark.parametrize("page", ["foundations", "notation", *ALGORITHM_CHAPTERS])
 def test_mathjax_renders_in_chromium(html_dir, chromium, tmp_path, page):
     url = (html_dir / "book" / f"{page}.html").as_uri()
     proc = subprocess.run(
@@ -468,7 +501,7 @@ window.addEventListener('load', function () {
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.parametrize("page", ["foundations", "grpo", "gspo", "notation", "family"])
+@pytest.mark.parametrize("page", ["foundations", "notation", "family", *ALGORITHM_CHAPTERS])
 def test_math_and_tables_fit_the_text_column(html_dir, chromium, tmp_path, page):
     """At a 1280-pixel-wide window no displayed equation and no table needs a horizontal scroll bar."""
     source = html_dir / "book" / f"{page}.html"

@@ -1,8 +1,10 @@
 """GSPO: Group Sequence Policy Optimization (Zheng et al. 2025, Qwen, arXiv 2507.18071).
 
-A token ratio r_it = pi_theta(y_it) / pi_old(y_it) is built from ONE sample of each next-token
-distribution, so it cannot correct that distribution; its noise accumulates over a long response.
-The reward belongs to the whole sequence, so GSPO weights the whole sequence with one ratio:
+The paper's argument: a token ratio r_it = pi_theta(y_it) / pi_old(y_it) is built from ONE sample of
+each next-token distribution, so it cannot correct that distribution, and its noise accumulates over a
+long response (each such term is still an unbiased one-sample estimate of the surrogate; the book's GSPO
+chapter weighs the two views). The reward belongs to the whole sequence, so GSPO weights the whole
+sequence with one ratio:
 
     s_i = (pi_theta(y_i|x) / pi_old(y_i|x))^(1/|y_i|) = exp( 1/|y_i| sum_t log r_it )      (Eq. 7)
     J   = E[ 1/G sum_i min(s_i A_i, clip(s_i, 1 - eps_low, 1 + eps_high) A_i) ]              (Eq. 5)

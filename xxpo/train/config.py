@@ -92,7 +92,7 @@ class TrainConfig:
     eval_n: int = _f(200, "Held-out examples per evaluation (a fixed subset)")
     track_routing: bool = _f(False, "MoE only: fraction of routing decisions that change per update")
     routing_replay: bool = _f(False, "MoE only: Routing Replay, the training forwards reuse the experts the behaviour "
-                              "policy chose for each token (GSPO paper, Sec. 4.2)")
+                              "policy chose for each token (GSPO, arXiv 2507.18071)")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every k steps into out_dir (0 = never)")
     progress: bool = _f(True, "Show a tqdm progress bar")
 

@@ -336,7 +336,7 @@ class Trainer(Run):
         row["time_prox"] = self.prox_seconds  # recompute: one forward pass; A-3PO: the interpolation
         for key in sorted({k for mm in mb_metrics for k in mm}):
             values = [mm[key] for mm in mb_metrics if key in mm]
-            row[key] = max(values) if key.endswith("_max") else sum(values) / len(values)
+            row[key] = max(values) if key.endswith("_max") else min(values) if key.endswith("_min") else sum(values) / len(values)
         if routing_before is not None:
             row["routing_change"] = routing_change(self.policy, rollout, routing_before)
         self.lagged.publish(self.policy, step + 1)
