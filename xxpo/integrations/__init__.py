@@ -267,7 +267,7 @@ TRL_REFUSED = {
 
 def _settings_text(eq: Equivalent, short: bool = False) -> str:
     def key(k: str) -> str:
-        return k.removeprefix("actor.").removeprefix("policy_loss.") if short else k
+        return k.rsplit(".", 1)[-1] if short else k
 
     return ", ".join(f"{key(k)}={v}" if v == GENERATION_BUDGET else f"{key(k)}={v!r}" for k, v in eq.settings.items())
 
@@ -277,8 +277,8 @@ def equivalents_table() -> list[dict[str, str]]:
     it, and the known differences.
 
     Generated from ``xxpo.objectives.METHODS`` and the dictionaries above, which the tests check against
-    the peers' own losses; the book's integration page shows these rows. verl keys are shortened for the
-    table (``actor.`` and ``policy_loss.`` dropped).
+    the peers' own losses; the book's integration page shows these rows. verl keys are shortened to their
+    last component (``loss_mode`` for ``actor.policy_loss.loss_mode``).
     """
     rows = []
     for name in METHODS:
@@ -293,9 +293,9 @@ def equivalents_table() -> list[dict[str, str]]:
         if not policy:
             adapters = "-"
         elif name in TRL_REFUSED:
-            adapters = f"verl: xxpo_{name}; TRL: refused"
+            adapters = "verl only"  # xxpo_<name>; the TRL adapter refuses it (see the notes)
         else:
-            adapters = f"TRL: XxpoGRPOTrainer(objective={name!r}); verl: xxpo_{name}"
+            adapters = "TRL, verl"  # XxpoGRPOTrainer(objective=<name>), loss_mode=xxpo_<name>
         notes = [f"{peer}: {eq.note}" for peer, eq in (("TRL", trl_eq), ("verl", verl_eq)) if eq is not None and eq.note]
         if name in TRL_REFUSED:
             notes.append(f"TRL adapter: refused, because {TRL_REFUSED[name]}")
