@@ -215,8 +215,8 @@ class PresetSettings(XxpoDirective):
             if key in values:
                 suite = cfg.preset_value(key) if values[key] is None else values[key]
                 rows.append((key, fmt(paper_value), fmt(suite)))
-            else:
-                rows.append((key, fmt(paper_value), "not a TrainConfig field"))
+            else:  # an objective argument with no config field: the loop passes the preset's value
+                rows.append((key, fmt(paper_value), fmt(cfg.preset_value(key)) + " (objective argument)"))
         for key in ("model", "task", "prompts_per_step", "steps", "epochs", "minibatches", "lr", "temperature"):
             if key not in p.hparams:
                 rows.append((key, "-", fmt(values[key])))
