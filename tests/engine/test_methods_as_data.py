@@ -34,11 +34,20 @@ def symmetric_clip_loss(logp, old_logp, advantages, mask, *, clip_eps=0.2, scale
     return objectives.LossOutput(-scale * aggregate(surrogate, mask, "token-mean"), {"ratio_mean": ratio.detach().mean()})
 
 
-register(MethodPreset(
+SYMMETRIC_CLIP = MethodPreset(
     "test_symmetric_clip", "Symmetric clip (a test method)", "this test module", "grpo", "a symmetric clip times a scale",
     symmetric_clip_loss, "token", "clip r to [0.9, 1.1]", "token-mean", "group", "none", "none",
     dict(scale=0.5), samples_per_prompt=4, objective_args=("scale",),
-), replace=True)
+)
+
+
+@pytest.fixture(autouse=True)
+def restore_registry():
+    """Methods registered by a test are gone after it (the book tests compare PRESETS with the built book)."""
+    saved = dict(PRESETS)
+    yield
+    PRESETS.clear()
+    PRESETS.update(saved)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +63,7 @@ def test_the_training_package_never_compares_a_method_name():
 
 
 def test_every_description_names_arguments_its_objective_accepts():
+    register(SYMMETRIC_CLIP)
     for name, preset in PRESETS.items():
         params = inspect.signature(preset.objective_fn).parameters
         kwargs = TrainConfig.from_preset(name).objective_kwargs({"ref_logp": None, "norm_len": 7})
@@ -62,6 +72,7 @@ def test_every_description_names_arguments_its_objective_accepts():
 
 
 def test_a_method_defined_in_a_test_module_trains_by_name(base):
+    register(SYMMETRIC_CLIP)
     CALLS.clear()
     config = TrainConfig.from_preset("test_symmetric_clip", steps=2, eval_every=2, eval_n=20, progress=False,
                                      minibatches=2, prompts_per_step=8, group_size=4)
@@ -97,6 +108,7 @@ def test_a_method_defined_in_a_file_trains_through_the_cli(base, tmp_path, capsy
 
 
 def test_register_rejects_duplicates_and_bad_descriptions():
+    assert "test_symmetric_clip" not in PRESETS  # the registry fixture removed the earlier test's method
     with pytest.raises(ValueError, match="already registered"):
         register(PRESETS["grpo"])
     with pytest.raises(ValueError, match="advantage"):
