@@ -65,7 +65,8 @@ from tqdm import tqdm
 
 import xxpo
 from xxpo.results import atomic_write_bytes, read_run
-from xxpo.train import PREFERENCE_METHODS, TrainConfig, train, train_preference
+from xxpo.presets import PRESETS
+from xxpo.train import TrainConfig, train, train_preference
 from xxpo.train.sft import default_cache_dir
 from xxpo.verdicts import (CLAIMS, VERDICT_MIME, Claim, PaperClaim, Rules, Verdict, bootstrap_ci, decide,
                            publish, verdict_table)
@@ -179,7 +180,8 @@ def run_grid(arms: Mapping[str, TrainConfig], seeds: Sequence[int], *, cache_dir
             cached = (run_dir / "summary.json").is_file()
             bar.set_postfix_str(f"{arm} seed {seed}" + (" (cached)" if cached else ""))
             if not cached:
-                trainer = train_preference if config.method in PREFERENCE_METHODS else train
+                # the registry at call time, so methods registered after import dispatch too
+                trainer = train_preference if PRESETS[config.method].is_preference else train
                 trainer(config, run_dir, resume=True)
                 atomic_write_bytes(run_dir / "key.json", json.dumps(material, indent=2, sort_keys=True).encode())
                 (run_dir / "checkpoint.pt").unlink(missing_ok=True)
@@ -211,6 +213,14 @@ class Selection:
     grid: GridResult
     """Every tuning run (arm labels are ``"<arm> [lr=0.0001]"``)."""
     rule: str
+
+
+def _samples_per_step(config: TrainConfig) -> int:
+    """What one step trains on: pairs for offline preference methods (mined once, ``prompts_per_step``
+    per step), responses (``prompts_per_step * group_size``) for every other method."""
+    if PRESETS[config.method].update == "offline_pairs":
+        return config.prompts_per_step
+    return config.prompts_per_step * config.group_size
 
 
 def select_hparams(arms: Mapping[str, TrainConfig], grid: Mapping[str, Sequence], *, tuning_seeds: Sequence[int],
@@ -254,8 +264,7 @@ def select_hparams(arms: Mapping[str, TrainConfig], grid: Mapping[str, Sequence]
         part = result.runs[result.runs["arm"] == label]
         per_seed = part.set_index("seed")[score] if isinstance(score, str) else None
         value = float(per_seed.mean()) if per_seed is not None else float(score(part))
-        row = {"arm": arm, **points[i], "steps": config.steps,
-               "samples_per_step": config.prompts_per_step * config.group_size}
+        row = {"arm": arm, **points[i], "steps": config.steps, "samples_per_step": _samples_per_step(config)}
         if per_seed is not None:
             row.update({f"seed {s}": float(per_seed[s]) for s in tuning})
         rows.append({**row, "score": value, "point": i})

@@ -235,10 +235,14 @@ def sample(
     was_training = model.training
     model.eval()
     try:
-        response_ids, logps, untruncated = _decode(
-            model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id,
-            temperature, top_p, generator, greedy,
-        )
+        # inference_mode skips autograd's bookkeeping (version counters, views); its outputs cannot be
+        # saved for a backward pass, so the ids, which the training forward embeds, are cloned out of it
+        with torch.inference_mode():
+            response_ids, logps, untruncated = _decode(
+                model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id,
+                temperature, top_p, generator, greedy,
+            )
+        response_ids = response_ids.clone()  # (B, T) an ordinary tensor
     finally:
         model.train(was_training)
     prompt_ids = prompt_ids.repeat_interleave(num_samples, dim=0)  # (B, P)
@@ -289,14 +293,17 @@ def _decode(
     logits = out.logits[:, -1].repeat_interleave(num_samples, dim=0)  # (B, V)
     attention_mask = prompt_mask.repeat_interleave(num_samples, dim=0)  # (B, P+t), grows by one column per step
     positions = positions.repeat_interleave(num_samples, dim=0)  # (B, P)
-    b = attention_mask.shape[0]
+    b, p = attention_mask.shape
     next_position = positions[:, -1:] + 1  # (B, 1)
+    # Every generated token is real, so step t's mask is the prompt mask followed by t + 1 ones: build the
+    # attention kernel's mask for the longest response once and slice it (None: kernel not handled here).
+    step_masks = _decoding_masks(model, torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], 1))
 
     truncate = top_p < 1.0 and not greedy
     tokens, logps, policy_logps = [], [], []  # policy_logps only under truncation
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # (B,)
     for step in range(max_new_tokens):
-        logits = logits.float() / temperature  # (B, V)
+        logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, V)
         if greedy:
             token = logits.argmax(-1)  # (B,)
         else:
@@ -313,7 +320,10 @@ def _decode(
         finished = finished | (token == eos_token_id)
         if bool(finished.all()) or step == max_new_tokens - 1:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)  # (B, P+t+1)
+        if step_masks is not None:
+            attention_mask = step_masks[..., : p + step + 1]  # (B, 1, 1, P+t+1)
+        else:
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(b, 1)], dim=1)  # (B, P+t+1)
         out = model(
             input_ids=token.unsqueeze(-1),
             attention_mask=attention_mask,
@@ -327,45 +337,74 @@ def _decode(
     return response_ids, behav_logp, torch.stack(policy_logps, dim=1) if truncate else behav_logp  # (B, T)
 
 
+def _decoding_masks(model, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """The 4D attention mask ``(B, 1, 1, K)`` of a one-token decoding step over ``K`` keys, in the form the
+    model's attention kernel takes, for the 2D ``attention_mask`` ``(B, K)``; slicing its last dimension
+    gives the mask of every shorter step.
+
+    A single query token attends to every earlier real key, so the causal mask is the key padding mask:
+    boolean (True = attend) for ``"sdpa"``, additive (0 or the dtype's minimum) for ``"eager"``, which is
+    what ``transformers.masking_utils`` builds for those kernels at every step. Other kernels: ``None``
+    (the caller passes the 2D mask and lets ``transformers`` build it).
+    """
+    kernel = getattr(model.config, "_attn_implementation", None)
+    keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, K)
+    if kernel == "sdpa":
+        return keep
+    if kernel == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return None
+
+
 def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, routing=None) -> torch.Tensor:
     """The logits that predict each response token, ``(B, T, V)`` in the model's dtype (differentiable).
 
     ``prompt_ids`` / ``prompt_mask`` ``(B, P)`` left padded, ``response_ids`` / ``response_mask`` ``(B, T)``
     right padded (long masks); the inputs are not validated here (:func:`token_logprobs` does).
 
+    The logit that predicts response token j sits at column P-1+j, so the forward reads prompt +
+    response up to token T-2 only: the last response token predicts nothing used here and, causally,
+    changes no earlier position (one token fewer per row than the full sequence, same logits).
+
     Rows that share a prompt (the G samples of a group) share its forward: the K distinct prompts run
     once ``(K, P)`` into a key/value cache, the cache is gathered back to the B rows (indexing is
     differentiable, so gradients from every row reach the shared prompt pass), and only the responses
-    ``(B, T)`` run on top. The prompt pass's last logit predicts response token 0. With no repeated
+    ``(B, T-1)`` run on top. The prompt pass's last logit predicts response token 0. With no repeated
     prompt this is one ordinary forward over prompt + response. Both give the same log-probs up to
     float rounding.
 
-    ``routing`` (MoE models only): expert choices ``(L, B, P+T, k)`` to replay
-    (:func:`xxpo.models.replay_routing`). The shared-prompt forward routes ``K * P + B * T`` tokens,
-    not the ``B * (P+T)`` of the decisions, so with ``routing`` the forward is always the plain
-    one-pass forward over prompt + response, run under the replay.
+    ``routing`` (MoE models only): expert choices ``(L, B, P+T, k)`` over prompt + response to replay
+    (:func:`xxpo.models.replay_routing`; the last column is dropped with the last token). The
+    shared-prompt forward routes ``K * P + B * (T-1)`` tokens, not one per column of the decisions, so
+    with ``routing`` the forward is always the plain one-pass forward over prompt + response, run under
+    the replay.
     """
     p, t = prompt_ids.shape[1], response_ids.shape[1]
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)  # (B, P+T)
-    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T)
+    inputs = response_ids[:, :-1]  # (B, T-1) the tokens whose next-token logits are needed
+    attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1)  # (B, P+T-1)
+    position_ids = position_ids_from_mask(attention_mask)  # (B, P+T-1)
     if routing is not None:
-        with replay_routing(model, routing):
-            out = model(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=False, logits_to_keep=t + 1)
-        return out.logits[:, :-1]  # (B, T, V)
+        with replay_routing(model, routing[:, :, :-1]):
+            out = model(input_ids=torch.cat([prompt_ids, inputs], dim=1), attention_mask=attention_mask,
+                        position_ids=position_ids, use_cache=False, logits_to_keep=t)
+        return out.logits  # (B, T, V)
     distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
     if distinct.shape[0] == prompt_ids.shape[0]:
-        out = model(input_ids=torch.cat([prompt_ids, response_ids], dim=1), attention_mask=attention_mask,
-                    position_ids=position_ids, use_cache=False, logits_to_keep=t + 1)
-        return out.logits[:, :-1]  # the logit at column P-1+j predicts response token j
+        out = model(input_ids=torch.cat([prompt_ids, inputs], dim=1), attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False, logits_to_keep=t)
+        return out.logits  # (B, T, V): the logit at column P-1+j predicts response token j
     cache = DynamicCache(config=model.config)
     prompt_out = model(input_ids=distinct[:, :p], attention_mask=distinct[:, p:],
                        position_ids=position_ids_from_mask(distinct[:, p:]), past_key_values=cache,
                        use_cache=True, logits_to_keep=1)  # (K, 1, V)
+    first = prompt_out.logits[row_prompt]  # (B, 1, V) predicts response token 0
+    if t == 1:
+        return first
     cache.batch_select_indices(row_prompt)  # (B, heads, P, d) per layer
-    out = model(input_ids=response_ids, attention_mask=attention_mask, position_ids=position_ids[:, p:],
-                past_key_values=cache, use_cache=True)  # (B, T, V)
-    return torch.cat([prompt_out.logits[row_prompt], out.logits[:, :-1]], dim=1)  # (B, T, V)
+    out = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids[:, p:],
+                past_key_values=cache, use_cache=True)  # (B, T-1, V)
+    return torch.cat([first, out.logits], dim=1)  # (B, T, V)
 
 
 def token_logprobs(
@@ -401,7 +440,7 @@ def token_logprobs(
             shape = tuple(routing.shape) if isinstance(routing, torch.Tensor) else type(routing).__name__
             raise ValueError(f"routing must be expert choices of shape (L, B={b}, P+T={seq}, k), got {shape}")
     logits = response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long(), routing=routing)
-    logits = logits.float() / temperature  # (B, T, V)
+    logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, T, V)
     padding = response_mask == 0  # (B, T)
     logp = selective_log_softmax(logits, response_ids).masked_fill(padding, 0.0)  # (B, T)
     if not with_entropy:

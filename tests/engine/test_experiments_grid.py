@@ -108,6 +108,30 @@ def test_preference_arms_go_to_the_preference_trainer(tmp_path, calls):
     assert "final_win_rate_vs_base" in result.runs.columns
 
 
+def test_dispatch_and_budget_read_the_registry_at_call_time(tmp_path, monkeypatch):
+    """A preference method registered after import goes to the preference trainer (the import-time
+    PREFERENCE_METHODS tuple would not list it), and the tuning table counts pairs for offline pairs."""
+    from xxpo.presets import PRESETS, register
+
+    def trainer(name):
+        def called(config, out_dir=None, **kw):
+            raise Killed(name)
+        return called
+
+    monkeypatch.setattr(ex, "train", trainer("policy"))
+    monkeypatch.setattr(ex, "train_preference", trainer("preference"))
+    register(dataclasses.replace(PRESETS["dpo"], name="dpo_copy_for_test"))
+    try:
+        config = TrainConfig.from_preset("dpo", steps=1, prompts_per_step=8, eval_every=1, eval_n=10)
+        config = dataclasses.replace(config, method="dpo_copy_for_test")
+        with pytest.raises(Killed, match="preference"):
+            run_grid({"copy": config}, [0], cache_dir=tmp_path, progress=False)
+        assert ex._samples_per_step(config) == 8  # pairs, not prompts x group_size
+        assert ex._samples_per_step(ARMS["GRPO"]) == BUDGET["prompts_per_step"] * BUDGET["group_size"]
+    finally:
+        PRESETS.pop("dpo_copy_for_test", None)
+
+
 @pytest.mark.slow
 def test_select_hparams_runs_the_grid_on_tuning_seeds_and_records_it(tmp_path, calls):
     arms = {"GRPO": ARMS["GRPO"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -226,6 +227,19 @@ def test_recomputed_logprobs_equal_behaviour_logprobs(arch, temperature, request
         torch.testing.assert_close(logp[i, : len(ref)].double(), ref, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("num_samples", [1, 3])  # 1: the plain forward; 3: the shared-prompt forward
+@pytest.mark.parametrize("max_new_tokens", [1, 2])
+def test_recomputed_logprobs_of_one_and_two_token_responses(dense, tok, prompts, num_samples, max_new_tokens):
+    """The training forward stops before the last response token; with T = 1 it is the prompt pass alone."""
+    r = run(dense, tok, prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+            generator=torch.Generator().manual_seed(1))
+    assert r.response_ids.shape[1] == max_new_tokens
+    logp = response_logprobs(dense, r)
+    torch.testing.assert_close(logp.detach(), r.behav_logp, atol=1e-5, rtol=0)
+    for i, ref in enumerate(unpadded_logprobs(dense, r, 1.0)):
+        torch.testing.assert_close(logp[i, : len(ref)].detach().double(), ref, atol=1e-5, rtol=0)
+
+
 def test_response_logprobs_is_differentiable_and_returns_entropy(dense, tok, prompts):
     r = run(dense, tok, prompts, generator=torch.Generator().manual_seed(0))
     logp, entropy = response_logprobs(dense, r, with_entropy=True)
@@ -428,7 +442,8 @@ def test_lagged_policy_routing_comes_from_the_sampling_weights(tok, prompts):
     finally:
         for h in handles:
             h.remove()
-    assert torch.equal(torch.stack(seen).reshape(decisions[:, idx].shape), decisions[:, idx])
+    used = decisions[:, idx, :-1]  # the last token predicts nothing, so the forward stops before it
+    assert torch.equal(torch.stack(seen).reshape(used.shape), used)
     assert logp.shape == (3, r.response_ids.shape[1]) and logp.requires_grad
 
 
@@ -464,3 +479,44 @@ def test_lagged_policy_routing_with_mixed_versions_and_its_errors(tok, prompts):
         LaggedPolicy(build_model(MODEL_PRESETS["tiny"], tok, seed=0), eta=0).routing(r)
     with pytest.raises(TypeError, match="rollout"):
         lagged.routing(r.input_ids)
+
+
+# --------------------------------------------------------------------- the sampler's fast paths
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "eager"])
+def test_decoding_masks_match_what_transformers_builds(tok, prompts, kernel):
+    """The one-per-rollout 4D masks give the same tokens and log-probs as the 2D mask transformers expands."""
+    model = build_model(MODEL_PRESETS["tiny"], tok, seed=3)
+    model.config._attn_implementation = kernel
+    kwargs = dict(num_samples=4, max_new_tokens=8, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                  temperature=1.3)
+
+    class TwoDimensionalMask(torch.nn.Module):
+        """The model with the mask transformers builds itself at every step (2D in, any kernel)."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, copy.copy(inner.config)
+            self.config._attn_implementation = "unhandled"  # _decoding_masks returns None for it
+
+        def forward(self, **kw):
+            return self.inner(**kw)
+
+    with torch.no_grad():
+        a = sample(model, *prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+        b = sample(TwoDimensionalMask(model), *prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.behav_logp, b.behav_logp)
+    assert (a.response_mask.sum(-1) > 1).any()  # several decoding steps ran
+    torch.testing.assert_close(response_logprobs(model, a, temperature=1.3).detach(), a.behav_logp, atol=1e-5, rtol=0)
+
+
+def test_sampled_tensors_are_ordinary_tensors_usable_in_training(dense, tok, prompts):
+    """Decoding runs under inference_mode; nothing it returns may be an inference tensor."""
+    r = run(dense, tok, prompts, top_p=0.9, generator=torch.Generator().manual_seed(0))
+    for name in ("prompt_ids", "prompt_mask", "response_ids", "response_mask", "behav_logp", "policy_logp",
+                 "version", "prompt_index"):
+        assert not getattr(r, name).is_inference(), name
+    response_logprobs(dense, r).sum().backward()  # embedding the response ids saves them for backward
+    assert dense.model.embed_tokens.weight.grad is not None
+    dense.zero_grad(set_to_none=True)
