@@ -62,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("notebooks", nargs="*", help="notebook paths (default: every notebooks/*.ipynb)")
     rp.add_argument("--profile", choices=PROFILES, default="smoke", help="parameter profile (default: smoke)")
     rp.add_argument("--scratch", default=None, help="output directory for smoke runs (default: a temp dir)")
+    rp.add_argument("--check-seeds", default=None, type=_seed_list,
+                    help="with --profile full: re-run each record with these reported seeds (e.g. 5,6,7,8,9) and "
+                         "store the re-run's verdicts in the record, beside its own")
     return parser
+
+
+def _seed_list(text: str) -> list[int]:
+    """``"5,6,7"`` -> ``[5, 6, 7]`` (for ``--check-seeds``)."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
 
 
 def import_user_code(spec: str) -> None:
@@ -106,7 +117,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from xxpo.reproduce import reproduce
 
-    results = reproduce(args.notebooks or None, profile=args.profile, scratch=args.scratch)
+    results = reproduce(args.notebooks or None, profile=args.profile, scratch=args.scratch,
+                        check_seeds=args.check_seeds)
     return 0 if all(r["ok"] for r in results) else 1
 
 

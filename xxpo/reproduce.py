@@ -6,6 +6,11 @@ of its code cells; a test compares it with the current cells, so a record whose 
 was produced is caught as stale. It also gets ``xxpo.verdicts``: the verdicts that
 :func:`xxpo.experiments.publish` emitted, moved out of the outputs (:func:`collect_verdicts`); the book's
 claims ledger reads them there.
+
+A record is accepted only if its verdicts survive other seeds. ``--check-seeds 5,6,7,8,9`` executes the
+record's code once more with those reported seeds (the tuning seeds unchanged) into a scratch copy, and
+stores what that re-run decided under ``xxpo.check`` in the record's metadata: the seeds, the code hash
+of the copy and its verdicts (:func:`attach_check`). The ledger prints each verdict beside its re-run.
 """
 
 from __future__ import annotations
@@ -49,6 +54,47 @@ def collect_verdicts(nb) -> list[dict]:
     return verdicts
 
 
+def attach_check(record, executed_check, seeds) -> dict:
+    """Store the verdicts of ``executed_check`` (the record's notebook executed with the reported ``seeds``
+    replaced) in ``record``'s metadata under ``xxpo.check``; both are ``nbformat`` notebooks, ``record``
+    is modified in place. Raises if the two do not run the same code or the check has no verdicts."""
+    seeds = [int(x) for x in seeds]
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct ints, got {seeds!r}")
+    if code_hash(executed_check) != code_hash(record):
+        raise ValueError("the check was executed from other code than the record's (code hashes differ)")
+    verdicts = collect_verdicts(executed_check)
+    reported = record.metadata.get("xxpo", {}).get("verdicts", [])
+    missing = sorted({v["claim"]["id"] for v in reported} - {v["claim"]["id"] for v in verdicts})
+    if missing:
+        raise ValueError(f"the check decided no verdict for {missing}")
+    for v in verdicts:
+        if sorted(v["seeds"]) != sorted(seeds):
+            raise ValueError(f"{v['claim']['id']}: the check's verdict used seeds {v['seeds']}, not {seeds}")
+    check = {"seeds": seeds, "code_hash": code_hash(executed_check), "verdicts": verdicts}
+    record.metadata.setdefault("xxpo", {})["check"] = check
+    return check
+
+
+def check_notebook(path: Path, seeds, scratch: Path) -> dict:
+    """Re-run the full record ``path`` with reported ``seeds`` (into ``scratch``) and attach the verdicts."""
+    import papermill
+
+    start = time.perf_counter()
+    output = Path(scratch) / f"{path.stem}.check.ipynb"
+    try:
+        papermill.execute_notebook(str(path), str(output), parameters={"profile": "full", "seeds": list(seeds)},
+                                   kernel_name="python3", cwd=str(path.parent), progress_bar=False)
+        record = nbformat.read(path, as_version=4)
+        attach_check(record, nbformat.read(output, as_version=4), seeds)
+        nbformat.write(record, path)
+        ok, error = True, None
+    except Exception as err:
+        ok, error = False, str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
+    return {"notebook": path.name, "profile": "check", "ok": ok, "seconds": time.perf_counter() - start,
+            "output": str(output), "error": error}
+
+
 def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
@@ -72,10 +118,18 @@ def run_notebook(path: Path, profile: str, output: Path) -> dict:
             "output": str(output), "error": error}
 
 
-def reproduce(paths=None, profile: str = "smoke", scratch=None) -> list[dict]:
-    """Run ``paths`` (default: every notebook) under ``profile``; prints progress and a summary table."""
+def reproduce(paths=None, profile: str = "smoke", scratch=None, check_seeds=None) -> list[dict]:
+    """Run ``paths`` (default: every notebook) under ``profile``; prints progress and a summary table.
+    With ``check_seeds`` (``full`` only), each successful record is then re-run with those reported seeds
+    and the re-run's verdicts are attached to it (:func:`check_notebook`)."""
     if profile not in ("smoke", "full", "gpu"):
         raise ValueError(f"profile must be 'smoke', 'full' or 'gpu', got {profile!r}")
+    if check_seeds is not None:
+        if profile != "full":
+            raise ValueError("check_seeds re-runs a full record; use it with profile 'full'")
+        if (not isinstance(check_seeds, (list, tuple)) or not check_seeds or len(set(check_seeds)) != len(check_seeds)
+                or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in check_seeds)):
+            raise ValueError(f"check_seeds must be a non-empty list of distinct non-negative ints, got {check_seeds!r}")
     paths = [Path(p).resolve() for p in paths] if paths else notebooks()
     for p in paths:
         if not p.is_file():
@@ -91,7 +145,14 @@ def reproduce(paths=None, profile: str = "smoke", scratch=None) -> list[dict]:
         status = "ok" if result["ok"] else f"FAILED: {result['error']}"
         print(f"    {status} in {result['seconds']:.0f} s -> {result['output']}", flush=True)
         results.append(result)
+        if check_seeds is not None and result["ok"]:
+            print(f"    re-running with seeds {list(check_seeds)} ...", flush=True)
+            check = check_notebook(path, check_seeds, Path(tempfile.mkdtemp(prefix="xxpo-check-")))
+            status = "ok" if check["ok"] else f"FAILED: {check['error']}"
+            print(f"    check {status} in {check['seconds']:.0f} s", flush=True)
+            results.append(check)
     print("\nsummary")
     for r in results:
-        print(f"  {r['notebook']:<40} {'ok' if r['ok'] else 'FAILED':<7} {r['seconds']:7.0f} s")
+        label = r["notebook"] + (" (check)" if r["profile"] == "check" else "")
+        print(f"  {label:<40} {'ok' if r['ok'] else 'FAILED':<7} {r['seconds']:7.0f} s")
     return results

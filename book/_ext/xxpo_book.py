@@ -545,10 +545,28 @@ def notebook_records(paths) -> list[dict]:
     for path in paths:
         nb = nbformat.read(path, as_version=4)
         stamp = nb.metadata.get("xxpo", {})
+        check = stamp.get("check") or {}
         records.append({"docname": Path(path).resolve().relative_to(REPO).with_suffix("").as_posix(),
                         "profile": stamp.get("profile"), "stale": stamp.get("code_hash") != code_hash(nb),
-                        "verdicts": list(stamp.get("verdicts", []))})
+                        "verdicts": list(stamp.get("verdicts", [])),
+                        "check": {"seeds": check.get("seeds", []), "stale": check.get("code_hash") != code_hash(nb),
+                                  "verdicts": {v["claim"]["id"]: v for v in check.get("verdicts", [])}}})
     return records
+
+
+def check_text(check: dict | None, verdict: dict) -> str:
+    """What the re-run with other reported seeds decided for ``verdict``'s claim, in words."""
+    from xxpo.verdicts import measured_text
+
+    if not check or not check["seeds"]:
+        return "not re-run with other seeds"
+    seeds = ", ".join(map(str, check["seeds"]))
+    other = check["verdicts"].get(verdict["claim"]["id"])
+    if other is None:
+        return f"the re-run with seeds {seeds} decided nothing for this claim"
+    same = "same verdict" if other["outcome"] == verdict["outcome"] else "a different verdict"
+    stale = " (stale: the code changed after the re-run)" if check["stale"] else ""
+    return f"re-run with seeds {seeds}: {other['outcome']}, {same}; {measured_text(other)}{stale}"
 
 
 def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
@@ -575,7 +593,7 @@ def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
         tally = ", ".join(f"{outcomes.count(o)} {o}" for o in ("reproduced", "not reproduced", "inconclusive")
                           if outcomes.count(o))
         rows.append({"claim": cid, "statement": claim.statement, "source": claim.source, "notebook": None,
-                     "note": "", "measured": "", "verdict": tally or "not yet tested", "reason": ""})
+                     "note": "", "measured": "", "verdict": tally or "not yet tested", "reason": "", "check": ""})
         for record, v in found:
             changed = ", ".join(f"{k} = {fmt(x)}" for k, x in v["rules"].items() if x != defaults.get(k))
             note = "; ".join(x for x in ("stale record: its code changed after the run" if record["stale"] else "",
@@ -583,7 +601,8 @@ def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
                                          f"rules: {changed}" if changed else "") if x)
             rows.append({"claim": v["claim"]["id"], "statement": v["claim"]["statement"],
                          "source": v["claim"]["source"], "notebook": record["docname"], "note": note,
-                         "measured": measured_text(v), "verdict": v["outcome"], "reason": v["reason"]})
+                         "measured": measured_text(v), "verdict": v["outcome"], "reason": v["reason"],
+                         "check": check_text(record.get("check"), v)})
     return rows
 
 
@@ -637,10 +656,15 @@ class ClaimsLedger(XxpoDirective):
             verdict += nodes.strong(text=row["verdict"]) if not family else nodes.Text(row["verdict"])
             if row["reason"]:
                 verdict += nodes.Text(f": {row['reason']}")
+            verdicts = [verdict]
+            if row["check"]:
+                again = nodes.paragraph()
+                again += nodes.emphasis(text=row["check"][0].upper() + row["check"][1:] + ".")
+                verdicts.append(again)
             claim = nodes.paragraph()
             claim += nodes.strong(text=row["claim"]) if family else nodes.Text(row["claim"])
             measured = nodes.paragraph(text=row["measured"])
-            cells = [claim, paragraphs, notebook, measured, verdict]
+            cells = [claim, paragraphs, notebook, measured, verdicts]
             body += nodes.row("", *(nodes.entry("", *(c if isinstance(c, list) else [c])) for c in cells),
                               classes=["xxpo-ledger-claim" if family else "xxpo-ledger-verdict"])
         group += body

@@ -32,6 +32,52 @@ def test_committed_record_is_a_full_run_of_the_current_code(path):
     assert not errors, f"{path.name}: the record contains errors: {[e.get('evalue') for e in errors]}"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_record_was_re_run_with_other_seeds(path):
+    """The protocol: a record's verdicts are re-decided on reported seeds it did not use, by the same code."""
+    nb = nbformat.read(path, as_version=4)
+    stamp = nb.metadata.get("xxpo", {})
+    if not stamp.get("verdicts"):
+        pytest.skip(f"{path.name} decides no claim")
+    check = stamp.get("check")
+    assert check, f"{path.name}: no re-run with other seeds; run `xxpo reproduce --profile full --check-seeds 5,6,7,8,9 {path}`"
+    assert check["code_hash"] == code_hash(nb), f"{path.name}: the re-run is stale (the code changed after it)"
+    reported = {s for v in stamp["verdicts"] for s in v["seeds"]}
+    assert not reported & set(check["seeds"]), f"{path.name}: the re-run reused reported seeds"
+    assert {v["claim"]["id"] for v in stamp["verdicts"]} <= {v["claim"]["id"] for v in check["verdicts"]}
+
+
+def test_attach_check_stores_the_re_run_and_refuses_other_code():
+    from xxpo.reproduce import attach_check
+    from xxpo.verdicts import VERDICT_MIME
+
+    def notebook(source, verdict_seeds):
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source)])
+        verdict = {"claim": {"id": "C6b"}, "outcome": "reproduced", "seeds": verdict_seeds}
+        nb.cells[0].outputs = [nbformat.v4.new_output("display_data", data={VERDICT_MIME: {"verdicts": [verdict]}})]
+        return nb
+
+    record = notebook("x = 1", [0, 1])
+    record.metadata["xxpo"] = {"verdicts": [{"claim": {"id": "C6b"}, "outcome": "reproduced", "seeds": [0, 1]}]}
+    check = attach_check(record, notebook("x = 1", [5, 6]), [5, 6])
+    assert record.metadata["xxpo"]["check"] == check and check["seeds"] == [5, 6]
+    assert check["code_hash"] == code_hash(record) and check["verdicts"][0]["seeds"] == [5, 6]
+    with pytest.raises(ValueError, match="other code"):
+        attach_check(record, notebook("x = 2", [5, 6]), [5, 6])
+    with pytest.raises(ValueError, match="seeds"):
+        attach_check(record, notebook("x = 1", [5, 7]), [5, 6])
+    empty = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("x = 1")])
+    with pytest.raises(ValueError, match="no verdict for"):
+        attach_check(record, empty, [5, 6])
+
+
+def test_check_seeds_need_the_full_profile():
+    with pytest.raises(ValueError, match="full"):
+        reproduce(NOTEBOOKS[:1], profile="smoke", check_seeds=[5, 6])
+    with pytest.raises(ValueError, match="check_seeds"):
+        reproduce(NOTEBOOKS[:1], profile="full", check_seeds=[5, 5])
+
+
 def test_code_hash_sees_code_changes_but_not_outputs(tmp_path):
     nb = nbformat.read(NOTEBOOKS[0], as_version=4)
     before = code_hash(nb)
