@@ -180,7 +180,7 @@ class TrainConfig:
             raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
         if self.behav_weight_cap is not None and self.behav_weight_cap < 1:
             raise ValueError(f"behav_weight_cap must be >= 1, got {self.behav_weight_cap}")
-        if preset.advantage == "group" and self.group_size < 2:
+        if preset.advantage in ("group", "leave_one_out") and self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for {self.method} (group-relative advantages)")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("minibatches must divide prompts_per_step * group_size")
@@ -230,6 +230,7 @@ LEARNING_CHECK = {
     "ppo": {}, "trpo": {}, "grpo": {}, "dr_grpo": {}, "dapo": {}, "sppo_seq": {},
     "gspo": dict(lr=1e-4), "gspo_token": dict(lr=1e-4), "sapo": dict(lr=1e-4),
     "decoupled_ppo": dict(lr=1e-4, staleness=2), "a3po": dict(lr=1e-4, staleness=2),
+    "cispo": {}, "gmpo": {}, "rloo": {}, "reinforce_pp": {},
     "dpo": dict(dpo_beta=1.0, lr=1e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
     "ipo": dict(dpo_beta=0.5, lr=3e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
     "sppo_selfplay": dict(eta=2.0, lr=3e-4, steps=30, iterations=3, eval_every=30),
