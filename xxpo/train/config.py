@@ -246,6 +246,8 @@ overrides (measured on add2, tiny model, 3 seeds, 40 steps; see benchmarks/READM
   model so far that token ratios reach ~2 within one rollout; SAPO (no hard clip) then ended below the
   base on 2 of 3 seeds and Decoupled PPO / A-3PO with eta = 2 on 1-2 of 3 seeds.
 - Decoupled PPO and A-3PO run with staleness eta = 2 (their regime) instead of AReaL's 8.
+- CISPO, GMPO, RLOO and REINFORCE++ run on their presets (one minibatch per rollout, so on-policy: CISPO is then
+  REINFORCE and GMPO is GRPO's gradient; the check only says the estimator and the loop learn).
 - DPO / IPO / SPPO use beta = 1 / 0.5 and eta = 2 instead of the papers' 0.1 and 1000, which suit
   responses of hundreds of tokens (see "Scale" in :mod:`xxpo.train.preference`).
 """
