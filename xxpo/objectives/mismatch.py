@@ -19,7 +19,9 @@ token mask      rho_t if low <= rho_t <= high else 0                         Ice
                                                                              arXiv 2510.18855; verl's
                                                                              bounds 0.5 and 5)
 sequence trunc. clip(rho, low, high) on every token of the response          sequence TIS
-sequence mask   rho if low <= rho <= high else 0, on every token             MIS (masked IS)
+sequence mask   rho if low <= rho <= high else 0, on every token             MIS (masked IS; the "When Speed
+                                                                             Kills Stability" note that verl's
+                                                                             rollout correction cites)
 =============== ============================================================ =================================
 
 TRL calls these ``vllm_importance_sampling_mode`` = ``token_truncate``, ``token_mask``,
