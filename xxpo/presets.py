@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-ADVANTAGES = ("gae", "group", "seq_value", "none")
+ADVANTAGES = ("gae", "group", "seq_value", "leave_one_out", "reinforce_pp", "none")
 CRITICS = ("none", "token", "prompt")
 REFERENCES = ("none", "KL in loss", "KL in reward", "implicit", "previous iterate")
 PROXIMALS = ("none", "recompute", "loglinear")
@@ -55,7 +55,10 @@ class MethodPreset:
     """Aggregation mode of ``xxpo.functional.aggregate`` ('-' for sequence-level losses)."""
     advantage: str
     """Advantage estimator, one of ``ADVANTAGES``: 'gae' (token critic), 'group' (group-relative, scaled by
-    the ``adv_norm`` hyper-parameter), 'seq_value' (R - V(x), prompt critic), 'none' (preference methods)."""
+    the ``adv_norm`` hyper-parameter), 'seq_value' (R - V(x), prompt critic), 'leave_one_out' (RLOO: R_i minus
+    the mean of the other rewards of its group), 'reinforce_pp' (REINFORCE++: token returns whitened over the
+    batch), 'none' (preference methods). With reference 'KL in reward', 'gae' and 'reinforce_pp' subtract
+    ``kl_coef`` times a per-token k1 estimate from the token rewards, 'leave_one_out' its sum from R_i."""
     critic: str
     """One of ``CRITICS``: 'none', 'token' (per-token value, GAE) or 'prompt' (prompt-only value)."""
     reference: str
@@ -189,6 +192,47 @@ PRESETS: dict[str, MethodPreset] = {
         dict(tau_pos=1.0, tau_neg=1.05, kl_coef=0.0, adv_norm="group", minibatches=4),
         samples_per_prompt=8,  # G is not stated in the fact sheet's sources; 8 is the suite's default
         objective_args=("tau_pos", "tau_neg") + _AGG,
+    ),
+    "cispo": MethodPreset(
+        "cispo", "CISPO", "MiniMax 2025 (MiniMax-M1), arXiv 2506.13585", "dapo",
+        "clip the importance weight, stop its gradient, and keep every token's gradient through log pi",
+        "cispo_loss", "token", "clip the weight sg(r) to at most 1 + 4, no lower bound", "token-mean", "group", "none",
+        "none",
+        # Token-level normalization 1/sum|o_i| and group advantages (Sec. 3.1, Eq. 4); no lower bound on the weight
+        # (the paper sets eps_low large and tunes only eps_high). The tuned eps_high is not in the fact sheet's
+        # sources: 4.0 is TRL's recommended epsilon_high = 5.0 (the cap 1 + eps, from ScaleRL, arXiv 2510.13786).
+        dict(clip_eps_high=4.0, kl_coef=0.0, adv_norm="group"),
+        samples_per_prompt=8,  # G is not stated in the fact sheet's sources; 8 is the suite's default
+        objective_args=_PG + _AGG,
+    ),
+    "gmpo": MethodPreset(
+        "gmpo", "GMPO", "Zhao et al. 2025, arXiv 2507.20673", "grpo",
+        "geometric instead of arithmetic mean of the token terms: one sequence ratio of per-token clipped ratios",
+        "gmpo_loss", "sequence", "clip log r per token to [-0.4, 0.4]", "-", "group", "none", "none",
+        # clip range (e^-0.4, e^0.4) (Sec. 4; TRL's GMPOConfig epsilon = 0.4); no KL (TRL's GMPO beta = 0).
+        dict(clip_eps_low=0.4, clip_eps_high=0.4, kl_coef=0.0, adv_norm="group"),
+        samples_per_prompt=8,  # G is not stated in the fact sheet's sources; 8 is the suite's default
+        objective_args=_PG,
+    ),
+    "rloo": MethodPreset(
+        "rloo", "RLOO", "Ahmadian et al. 2024, arXiv 2402.14740", "ppo",
+        "no critic: REINFORCE over k samples per prompt, each baselined by the mean reward of the other k - 1",
+        "ppo_loss", "token", "clip r to [0.8, 1.2] (r = 1 on-policy)", "seq-mean-token-sum", "leave_one_out", "none",
+        "KL in reward",
+        # The paper's estimator is REINFORCE on whole responses (sum of token log-probs, mean over samples) with the
+        # leave-one-out baseline, k = 2 and KL in the reward with beta = 0.03 (TRL paper index for 2402.14740).
+        # eps = 0.2 only matters off-policy (TRL RLOOConfig epsilon default).
+        dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.03),
+        samples_per_prompt=2, objective_args=_PG + _AGG,
+    ),
+    "reinforce_pp": MethodPreset(
+        "reinforce_pp", "REINFORCE++", "Hu 2025, arXiv 2501.03262", "ppo",
+        "no critic: token returns (outcome reward minus a token-level KL) whitened over the whole batch",
+        "ppo_loss", "token", "clip r to [0.8, 1.2]", "token-mean", "reinforce_pp", "none", "KL in reward",
+        # PPO's clipped loss with eps = 0.2, gamma = 1, token-level KL in the reward, global-batch normalization
+        # (fact sheet 14.3, verl reinforce_plus_plus). The fact sheet gives no beta: 0.01 is the suite's choice.
+        dict(clip_eps_low=0.2, clip_eps_high=0.2, gamma=1.0, kl_coef=0.01),
+        samples_per_prompt=1, objective_args=_PG + _AGG,
     ),
     "decoupled_ppo": MethodPreset(
         "decoupled_ppo", "Decoupled PPO", "Hilton et al. 2021, arXiv 2110.00641; Fu et al. 2025 (AReaL), arXiv 2505.24298",

@@ -181,3 +181,24 @@ def test_preset_values_flow_into_the_config():
     dapo = TrainConfig.from_preset("dapo")
     assert dapo.preset_value("dynamic_sampling") is True and dapo.preset_value("overlong_buffer") == 0.2
     assert TrainConfig.from_preset("grpo", clip_eps_low=0.1).preset_value("clip_eps_low") == 0.1
+
+
+@pytest.mark.parametrize("method", ["cispo", "gmpo", "rloo", "reinforce_pp"])
+def test_family_since_2025_trains_by_name(base, method, tmp_path):
+    """The presets added for issue 16 run through the one loop (two off-policy minibatches, so CISPO's weight and
+    GMPO's clip see r != 1) and through ``xxpo train --method``."""
+    from xxpo.cli import main
+
+    config = TrainConfig.from_preset(method, steps=2, eval_every=2, eval_n=10, progress=False, minibatches=2,
+                                     prompts_per_step=4 if method != "reinforce_pp" else 16)
+    metrics = train(config).metrics
+    assert len(metrics) == 2 and metrics["loss"].notna().all() and metrics["ratio_max"].max() > 1.0 + 1e-6
+    if method == "cispo":
+        assert "is_weight_mean" in metrics.columns
+    if method == "gmpo":
+        assert "seq_ratio_mean" in metrics.columns
+    if method in ("rloo", "reinforce_pp"):  # KL in the reward: the reference runs on every step
+        assert metrics["kl_ref"].notna().all()
+    assert main(["train", "--method", method, "--steps", "1", "--eval-every", "1", "--eval-n", "5", "--progress",
+                 "false", "--prompts-per-step", "2", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.csv").is_file()

@@ -323,3 +323,109 @@ def test_dpo_gradient_raises_chosen_lowers_rejected(variant, ls):
                            label_smoothing=ls)
     assert after.loss.item() < out.loss.item()
     assert after.metrics["reward_margin"].item() > out.metrics["reward_margin"].item()
+
+
+# ------------------------------------------------------------------------------------------- the family since 2025
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_cispo_at_ratio_one_is_vanilla_policy_gradient(mode, per_token_adv):
+    """r = 1: CISPO's gradient is -A grad log pi on every token, aggregated (REINFORCE)."""
+    logp, old, adv, mask = _batch(91, per_token_adv=per_token_adv)
+    _, g = _grad(lambda x: O.cispo_loss(x, old.clone(), adv, mask, **_kw(mode)), logp)
+    a = adv if per_token_adv else adv[:, None].expand_as(mask)
+    assert torch.allclose(g, -_agg_weights(mode) * a, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("per_token_adv", [False, True])
+def test_cispo_equals_grpo_gradient_when_nothing_is_clipped(mode, per_token_adv):
+    """Off-policy but inside both clip ranges: sg(r) A grad log pi = grad (r A), GRPO's unclipped gradient."""
+    logp, old, adv, mask = _batch(92, per_token_adv=per_token_adv, spread=0.5)
+    kw = dict(clip_eps_low=0.99, clip_eps_high=100.0)
+    _, g_cispo = _grad(lambda x: O.cispo_loss(x, old, adv, mask, **kw, **_kw(mode)), logp)
+    out, g_grpo = _grad(lambda x: O.grpo_loss(x, old, adv, mask, **kw, **_kw(mode)), logp)
+    assert out.metrics["clip_frac"].item() == 0.0
+    assert torch.allclose(g_cispo, g_grpo, atol=1e-12)
+    r = (logp.detach() - old).exp()
+    a = adv if per_token_adv else adv[:, None].expand_as(mask)
+    assert torch.allclose(g_cispo, -_agg_weights(mode) * r * a, atol=1e-12)  # anchored to the formula
+
+
+def test_cispo_differs_from_grpo_exactly_on_the_clipped_tokens():
+    """Where GRPO's clip switches a token off (r > 1 + eps, A > 0), CISPO keeps -(1 + eps) A; elsewhere equal."""
+    logp, old, adv, mask = _batch(93, spread=0.6)
+    adv = adv.abs() + 0.1  # A > 0 everywhere: the high side bites
+    _, g_cispo = _grad(lambda x: O.cispo_loss(x, old, adv, mask, clip_eps_low=0.99, clip_eps_high=0.2), logp)
+    _, g_grpo = _grad(lambda x: O.grpo_loss(x, old, adv, mask, clip_eps_low=0.99, clip_eps_high=0.2,
+                                            loss_agg_mode="token-mean"), logp)
+    r = (logp.detach() - old).exp()
+    clipped = (r > 1.2) & mask.bool()
+    assert clipped.any() and (~clipped & mask.bool()).any()
+    assert torch.all(g_grpo[clipped] == 0)
+    w = _agg_weights("token-mean")
+    assert torch.allclose(g_cispo[clipped], (-w * 1.2 * adv[:, None])[clipped], atol=1e-12)
+    assert torch.allclose(g_cispo[~clipped], g_grpo[~clipped], atol=1e-12)
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.3])
+def test_gmpo_equals_gspo_when_nothing_is_clipped(spread):
+    """Unclipped, GMPO's clipped geometric mean is GSPO's s_i: same loss and gradient."""
+    logp, old, adv, mask = _batch(94, spread=spread)
+    out_g, g_gmpo = _grad(lambda x: O.gmpo_loss(x, old, adv, mask, clip_eps_low=50.0), logp)
+    out_s, g_gspo = _grad(lambda x: O.gspo_loss(x, old, adv, mask, clip_eps_low=0.99, clip_eps_high=1e9), logp)
+    assert out_g.metrics["clip_frac"].item() == 0.0
+    assert torch.allclose(out_g.loss, out_s.loss, atol=1e-12) and torch.allclose(g_gmpo, g_gspo, atol=1e-12)
+    s = torch.tensor([math.exp(sum((logp[i, t] - old[i, t]).item() for t in range(5) if MASK[i][t]) / max(sum(MASK[i]), 1))
+                      for i in range(len(MASK))], dtype=torch.float64)
+    rows = [i for i in range(len(MASK)) if sum(MASK[i])]
+    assert abs(out_g.loss.item() + sum(s[i].item() * adv[i].item() for i in rows) / len(rows)) < 1e-12
+
+
+def test_gmpo_at_ratio_one_is_grpo_gradient():
+    """r = 1: A_i 1/|o_i| sum_t grad log pi, GRPO's seq-mean-token-mean gradient (whatever the clip range)."""
+    logp, old, adv, mask = _batch(95)
+    _, g_gmpo = _grad(lambda x: O.gmpo_loss(x, old.clone(), adv, mask), logp)
+    _, g_grpo = _grad(lambda x: O.grpo_loss(x, old.clone(), adv, mask, loss_agg_mode="seq-mean-token-mean"), logp)
+    assert torch.allclose(g_gmpo, g_grpo, atol=1e-12)
+    assert torch.allclose(g_gmpo, -_agg_weights("seq-mean-token-mean") * adv[:, None], atol=1e-12)
+
+
+def test_gmpo_clips_tokens_where_gspo_drops_the_response():
+    """A response whose sequence ratio GSPO clips loses all gradient there; GMPO keeps its unclipped tokens."""
+    old = torch.zeros(1, 3, dtype=torch.float64)
+    logp = torch.tensor([[0.05, 0.05, 0.9]], dtype=torch.float64, requires_grad=True)  # mean log r = 1/3
+    adv = torch.tensor([1.0], dtype=torch.float64)
+    _, g_gspo = _grad(lambda x: O.gspo_loss(x, old, adv, torch.ones(1, 3), clip_eps_low=0.2, clip_eps_high=0.2), logp)
+    _, g_gmpo = _grad(lambda x: O.gmpo_loss(x, old, adv, torch.ones(1, 3), clip_eps_low=0.2), logp)
+    assert torch.all(g_gspo == 0)
+    s = math.exp((0.05 + 0.05 + 0.2) / 3)
+    assert torch.allclose(g_gmpo, torch.tensor([[-s / 3, -s / 3, 0.0]], dtype=torch.float64), atol=1e-12)
+
+
+@pytest.mark.parametrize("g", [2, 3, 8])
+def test_rloo_is_the_group_mean_baseline_scaled_by_g_over_g_minus_1(g):
+    import xxpo.functional as F
+
+    rewards = torch.randn(4 * g, generator=torch.Generator().manual_seed(g), dtype=torch.float64)
+    loo = F.leave_one_out_advantages(rewards, g)
+    assert torch.allclose(loo, g / (g - 1) * F.group_advantages(rewards, g, adv_norm="none"), atol=1e-12)
+    grouped = rewards.view(-1, g)  # anchored: R_i - mean of the others, written out
+    others = torch.stack([torch.cat([grouped[:, :i], grouped[:, i + 1:]], 1).mean(1) for i in range(g)], 1)
+    assert torch.allclose(loo, (grouped - others).reshape(-1), atol=1e-12)
+
+
+def test_reinforce_pp_without_kl_is_a_token_weighted_batch_z_score():
+    """gamma = 1, no KL: every token of a response carries R_i, so the advantage is batch_whiten of R over tokens;
+    with the group baseline it is the same over R - group mean."""
+    import xxpo.functional as F
+
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.3, 0.7, 0.0], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0], [1, 1, 0], [1, 0, 0]], dtype=torch.float64)
+    tokens = rewards[:, None] * mask
+    assert torch.allclose(F.reinforce_pp_advantages(rewards, mask),
+                          F.batch_whiten(tokens, mask, unbiased=True), atol=1e-12)
+    centred = (rewards.view(-1, 3) - rewards.view(-1, 3).mean(-1, keepdim=True)).reshape(-1)
+    assert torch.allclose(F.reinforce_pp_advantages(rewards, mask, group_size=3),
+                          F.batch_whiten(centred[:, None] * mask, mask, unbiased=True), atol=1e-12)

@@ -26,6 +26,7 @@ Known, documented differences (asserted below, not hidden):
 """
 
 import collections
+import math
 import types
 
 import pytest
@@ -188,6 +189,8 @@ def _restated(loss_type, logp, old, adv, mask, *, level="token", beta=0.0, ref=N
     if loss_type == "sapo":
         tau = torch.where(a > 0, torch.tensor(tau_pos, dtype=logp.dtype), torch.tensor(tau_neg, dtype=logp.dtype))
         per_token = -4 / tau * torch.sigmoid(tau * (ratio - 1)) * a
+    elif loss_type == "cispo":  # the weight min(r, epsilon_high), no gradient, times A log pi
+        per_token = -ratio.clamp(max=eps_high).detach() * a * logp
     else:
         per_token = -torch.minimum(ratio * a, ratio.clamp(1 - eps_low, 1 + eps_high) * a)
     if beta:
@@ -196,7 +199,7 @@ def _restated(loss_type, logp, old, adv, mask, *, level="token", beta=0.0, ref=N
     per_token = per_token.expand_as(m)
     if loss_type in ("grpo", "sapo"):  # mean over ALL rows of each row's token mean
         return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1)).mean()
-    if loss_type in ("bnpo", "dapo"):  # local (= global here) active-token mean
+    if loss_type in ("bnpo", "dapo", "cispo"):  # local (= global here) active-token mean
         return (per_token * m).sum() / m.sum().clamp(min=1)
     if loss_type == "dr_grpo":
         return (per_token * m).sum() / (m.shape[0] * (max_completion_length or m.shape[1]))
@@ -238,6 +241,8 @@ def _ours(loss_type, logp, old, adv, mask, *, level="token", beta=0.0, ref=None,
         return O.dapo_loss(logp, old, adv, mask, clip_eps_low=eps_low, clip_eps_high=eps_high, **kl)
     if loss_type == "sapo":
         return O.sapo_loss(logp, old, adv, mask, tau_pos=tau_pos, tau_neg=tau_neg)
+    if loss_type == "cispo":  # TRL's epsilon_high is the cap 1 + clip_eps_high; TRL has no lower bound
+        return O.cispo_loss(logp, old, adv, mask, clip_eps_high=eps_high - 1.0, **kl)
     raise AssertionError(loss_type)
 
 
@@ -264,6 +269,8 @@ CASES = [
     dict(loss_type="dapo", eps_high=0.28, beta=0.04),
     dict(loss_type="sapo"),
     dict(loss_type="sapo", tau_pos=0.5, tau_neg=2.0),
+    dict(loss_type="cispo", eps_high=5.0),
+    dict(loss_type="cispo", eps_high=1.2),
     dict(loss_type="grpo", level="sequence", eps_low=3e-4, eps_high=4e-4),
     dict(loss_type="grpo", level="sequence", eps_low=0.02, eps_high=0.03),
 ]
@@ -292,7 +299,13 @@ def test_grpo_family_matches_trl(case, seed):
     assert torch.allclose(ours_v, trl_v, atol=1e-12, rtol=rtol), (ours_v, trl_v)
     assert torch.allclose(ours_g, trl_g, atol=1e-12, rtol=rtol)
     # clip metrics share TRL's definition (A < 0 and r < 1 - eps_low; A > 0 and r > 1 + eps_high)
-    if case["loss_type"] != "sapo" and case.get("level", "token") == "token":
+    if case["loss_type"] == "cispo":  # TRL counts capped weights where A > 0 only; xxpo counts every capped weight
+        r = (logp.detach() - old).exp()
+        a = adv[:, None].expand_as(mask)
+        trl_count = (((r > case["eps_high"]) & (a > 0)).double() * mask).sum() / mask.sum()
+        assert abs(trl_metrics["cispo_clip_ratio"] - trl_count.item()) < 1e-6
+        assert ours.metrics["clip_frac_high"].item() >= trl_metrics["cispo_clip_ratio"] - 1e-6
+    elif case["loss_type"] != "sapo" and case.get("level", "token") == "token":
         assert abs(ours.metrics["clip_frac_low"].item() - trl_metrics["clip_ratio/low_mean"]) < 1e-6
         assert abs(ours.metrics["clip_frac_high"].item() - trl_metrics["clip_ratio/high_mean"]) < 1e-6
         assert abs(ours.metrics["clip_frac"].item() - trl_metrics["clip_ratio/region_mean"]) < 1e-6
@@ -328,3 +341,156 @@ def test_dr_grpo_constant_factor_against_verl():
     verl = masked_sum / t  # verl: loss_scale_factor defaults to the padded width, no 1/B
     assert abs(ours - masked_sum / (b * t)) < 1e-12
     assert abs(verl / ours - b) < 1e-9
+
+
+def test_trl_cispo_case_exercises_the_cap():
+    logp, old, adv, mask, _ = _batch(10)
+    _, metrics = _trl_loss("cispo", logp, old, adv, mask, eps_high=1.2)
+    assert 0 < metrics["cispo_clip_ratio"] < 1
+
+
+# ------------------------------------------------------------------------------------------- GMPO (trl.experimental)
+
+
+def _trl_gmpo_loss(logp, old, adv, mask, eps_low=0.4, eps_high=0.4):
+    """TRL's own GMPOTrainer._compute_loss, unbound, on a stand-in ``self`` (as ``_trl_loss`` does for GRPO)."""
+    from trl.experimental.gmpo import GMPOTrainer
+
+    fake = types.SimpleNamespace(
+        top_entropy_quantile=1.0, epsilon_low=eps_low, epsilon_high=eps_high, beta=0.0,
+        model=types.SimpleNamespace(training=True), current_gradient_accumulation_steps=1, accelerator=_Accelerator(),
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+    )
+    b, t = logp.shape
+    fake._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
+    inputs = {"prompt_ids": torch.zeros(b, 1, dtype=torch.long), "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old}
+    loss = GMPOTrainer._compute_loss(fake, None, inputs)
+    return loss, {k: v[-1] for k, v in fake._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("eps", [(0.4, 0.4), (0.1, 0.25)])
+@pytest.mark.parametrize("seed", [10, 11])
+def test_gmpo_matches_trl(eps, seed):
+    logp, old, adv, mask, _ = _batch(seed, spread=0.35)
+    trl_v, trl_g, (_, metrics) = _value_and_grad(lambda: _trl_gmpo_loss(logp, old, adv, mask, *eps), logp)
+    ours_v, ours_g, ours = _value_and_grad(lambda: O.gmpo_loss(logp, old, adv, mask, clip_eps_low=eps[0],
+                                                               clip_eps_high=eps[1]), logp)
+    assert torch.allclose(ours_v, trl_v, atol=1e-12, rtol=1e-9) and torch.allclose(ours_g, trl_g, atol=1e-12, rtol=1e-9)
+    assert 0 < metrics["clip_ratio/region_mean"] < 1  # the case exercises the per-token clip
+    for side in ("low", "high"):
+        assert abs(ours.metrics[f"clip_frac_{side}"].item() - metrics[f"clip_ratio/{side}_mean"]) < 1e-6
+    assert abs(ours.metrics["clip_frac"].item() - metrics["clip_ratio/region_mean"]) < 1e-6
+
+
+def test_gmpo_empty_rows_differ_from_trl_by_their_minus_a():
+    """TRL's GMPO keeps a response with no valid token in its mean (ratio 1, value -A_i, no gradient)."""
+    logp, old, adv, mask, _ = _batch(12, empty_row=True)
+    trl_v = _trl_gmpo_loss(logp, old, adv, mask)[0].item()
+    ours_v = O.gmpo_loss(logp, old, adv, mask).loss.item()
+    empty = mask.sum(-1) == 0
+    b, nonempty = mask.shape[0], int((~empty).sum())
+    assert abs(trl_v * b - (ours_v * nonempty - adv[empty].sum().item())) < 1e-10
+
+
+# ------------------------------------------------------------------------------------------- vLLM IS correction
+
+
+def _trl_vllm_weights(old, sampling, mask, mode, clip_min, clip_max):
+    """Re-statement of the importance-sampling block of GRPOTrainer._generate_and_score_completions (checked
+    against its source below): log-ratio old - sampling, summed over the response for sequence_* modes."""
+    diff = (old - sampling) * mask
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = diff.exp()
+    if mode.endswith("truncate"):
+        return ratio.clamp(min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+def test_trl_vllm_block_is_what_the_restatement_reads():
+    import inspect
+
+    src = inspect.getsource(GRPOTrainer._generate_and_score_completions)
+    assert "per_token_logps_diff = (old_per_token_logps - sampling_per_token_logps) * mask" in src
+    assert "per_sequence_logps_diff = per_token_logps_diff.sum(dim=-1, keepdim=True)" in src
+    assert "vllm_importance_sampling_ratio = torch.exp(logps_diff)" in src
+    assert 'if self.vllm_importance_sampling_mode in ["sequence_truncate", "token_truncate"]:' in src
+    assert "invalid_mis_mask, value=0.0" in src
+
+
+VLLM_MODES = [("token_truncate", None, 3.0), ("token_truncate", 0.5, 2.0), ("token_mask", 0.5, 5.0),
+              ("sequence_truncate", None, 3.0), ("sequence_mask", None, 3.0), ("sequence_mask", 0.5, 2.0)]
+
+
+@pytest.mark.parametrize("mode, clip_min, clip_max", VLLM_MODES)
+def test_mismatch_weights_match_trl_vllm_modes(mode, clip_min, clip_max):
+    g = torch.Generator().manual_seed(21)
+    logp, old, adv, mask, _ = _batch(13)
+    sampling = old + 0.5 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    level, action = mode.split("_")
+    ours = O.mismatch_weights(old, sampling, mask, level=level, mode=action, low=clip_min, high=clip_max)
+    theirs = _trl_vllm_weights(old, sampling, mask, mode, clip_min, clip_max).expand_as(mask)
+    valid = mask.bool()
+    assert torch.allclose(ours.weights[valid], theirs[valid], atol=1e-12, rtol=1e-12)
+    assert 0 < ours.metrics["is_bound_frac"].item() < 1  # the bounds bite on some tokens, not all
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "cispo", "sapo"])
+@pytest.mark.parametrize("mode", ["token_truncate", "sequence_mask"])
+def test_trl_loss_with_vllm_correction_is_the_objective_on_weighted_advantages(loss_type, mode):
+    """TRL multiplies each token's loss by the IS weight; xxpo gets the same loss from advantages * weights."""
+    g = torch.Generator().manual_seed(22)
+    logp, old, adv, mask, _ = _batch(14)
+    sampling = old + 0.4 * torch.randn(old.shape, generator=g, dtype=torch.float64)
+    level, action = mode.split("_")
+    w = O.mismatch_weights(old, sampling, mask, level=level, mode=action, high=3.0).weights
+    eps_high = 5.0 if loss_type == "cispo" else 0.2
+
+    def theirs():
+        fake_inputs = dict(logp=logp, old=old, adv=adv, mask=mask, eps_high=eps_high)
+        return _trl_loss_vllm(loss_type, w, **fake_inputs)
+
+    trl_v, trl_g, _ = _value_and_grad(theirs, logp)
+    weighted = adv[:, None] * w
+    ours_v, ours_g, _ = _value_and_grad(lambda: _ours(loss_type, logp, old, weighted, mask, eps_high=eps_high), logp)
+    rtol = 1e-6 if loss_type == "sapo" else 1e-9
+    assert torch.allclose(ours_v, trl_v, atol=1e-12, rtol=rtol) and torch.allclose(ours_g, trl_g, atol=1e-12, rtol=rtol)
+
+
+def _trl_loss_vllm(loss_type, weights, *, logp, old, adv, mask, eps_high):
+    """``_trl_loss`` with TRL's vLLM correction switched on and ``weights`` as its importance_sampling_ratio."""
+    fake = types.SimpleNamespace(
+        top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token", beta=0.0,
+        loss_type=loss_type, epsilon_low=0.2, epsilon_high=eps_high, use_vllm=True,
+        vllm_importance_sampling_correction=True, model=types.SimpleNamespace(training=True),
+        current_gradient_accumulation_steps=1, max_completion_length=logp.shape[1],
+        accelerator=_Accelerator(), _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)),
+        args=types.SimpleNamespace(use_bias_correction_kl=False, delta=None, sapo_temperature_pos=1.0,
+                                   sapo_temperature_neg=1.05, steps_per_generation=1),
+    )
+    b, t = logp.shape
+    fake._get_per_token_logps_and_entropies = lambda *a, **k: (logp, torch.zeros_like(logp), None)
+    inputs = {"prompt_ids": torch.zeros(b, 1, dtype=torch.long), "prompt_mask": torch.ones(b, 1, dtype=torch.long),
+              "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask.long(),
+              "advantages": adv, "old_per_token_logps": old, "num_items_in_batch": mask.sum(),
+              "importance_sampling_ratio": weights}
+    return GRPOTrainer._compute_loss(fake, None, inputs), None
+
+
+# ------------------------------------------------------------------------------------------- RLOO
+
+
+def test_rloo_trainer_baseline_is_what_leave_one_out_restates():
+    """TRL's RLOOTrainer: baseline = (group sum - own reward) / (count - 1), advantage = reward - baseline."""
+    import inspect
+
+    from trl.trainer.rloo_trainer import RLOOTrainer
+
+    src = inspect.getsource(RLOOTrainer._generate_and_score_completions)
+    assert "baselines = (grouped_sum - grouped_rewards) / (scorable_counts - 1)" in src
+    assert "advantages = rewards - baselines" in src

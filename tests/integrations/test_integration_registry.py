@@ -34,7 +34,7 @@ TABLE = REPO / "book" / "_generated" / "integrations_table.md"
 
 def test_policy_objectives_are_the_registered_losses_of_log_probs():
     assert set(POLICY_OBJECTIVES) == {"ppo", "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo",
-                                      "decoupled_ppo", "a3po", "sppo_seq"}
+                                      "decoupled_ppo", "a3po", "sppo_seq", "cispo", "gmpo", "rloo", "reinforce_pp"}
     assert [n for n in O.METHODS if n in POLICY_OBJECTIVES] == list(POLICY_OBJECTIVES)  # registry order
     for name in ("trpo", "dpo", "sppo_selfplay"):
         with pytest.raises(ValueError, match="not losses of per-token log-probs"):

@@ -108,6 +108,27 @@ def test_fuzz_sapo(batch, mode):
 
 
 @SETTINGS
+@given(policy_batches(), st.sampled_from(MODES), st.sampled_from([None, 0.2]), st.sampled_from([0.0, 0.28, 4.0]))
+def test_fuzz_cispo(batch, mode, eps_low, eps_high):
+    logp, old, adv, mask = batch
+    out = O.cispo_loss(logp, old, adv, mask, clip_eps_low=eps_low, clip_eps_high=eps_high, loss_agg_mode=mode)
+    _assert_finite(out, logp)
+    if _empty(mask):
+        assert out.loss.item() == 0.0
+
+
+@SETTINGS
+@given(policy_batches(), st.sampled_from([0.0, 0.4, 50.0]))
+def test_fuzz_gmpo(batch, eps):
+    logp, old, adv, mask = batch
+    seq_adv = adv if adv.dim() == 1 else adv[:, 0].contiguous()
+    out = O.gmpo_loss(logp, old, seq_adv, mask, clip_eps_low=eps)
+    _assert_finite(out, logp)
+    if _empty(mask):
+        assert out.loss.item() == 0.0
+
+
+@SETTINGS
 @given(policy_batches(), st.sampled_from([None, 2.0]), st.integers(0, 8))
 def test_fuzz_decoupled_and_a3po(batch, cap, staleness):
     logp, old, adv, mask = batch

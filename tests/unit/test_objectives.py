@@ -8,12 +8,13 @@ import torch
 import xxpo.objectives as O
 
 NAMES = ("ppo", "trpo", "grpo", "dr_grpo", "dapo", "gspo", "gspo_token", "sapo", "decoupled_ppo", "a3po", "dpo",
-         "sppo_selfplay", "sppo_seq")
+         "sppo_selfplay", "sppo_seq", "cispo", "gmpo", "rloo", "reinforce_pp")
 FUNCS = {
     "ppo": "ppo_loss", "trpo": "trpo_step", "grpo": "grpo_loss", "dr_grpo": "dr_grpo_loss", "dapo": "dapo_loss",
     "gspo": "gspo_loss", "gspo_token": "gspo_token_loss", "sapo": "sapo_loss", "decoupled_ppo": "decoupled_ppo_loss",
     "a3po": "a3po_loss", "dpo": "dpo_loss", "sppo_selfplay": "sppo_selfplay_loss", "sppo_seq": "sppo_seq_loss",
-}
+    "cispo": "cispo_loss", "gmpo": "gmpo_loss", "rloo": "ppo_loss", "reinforce_pp": "ppo_loss",  # the last two
+}  # change the advantage estimator only
 
 
 def test_methods_tuple():
@@ -81,7 +82,13 @@ POLICY_CASES = {
     # other staleness the finite differences see a dependence the gradient deliberately ignores.
     "a3po": lambda lp, o, a, m: O.a3po_loss(lp, o, a, m, 1),
     "sppo_seq": lambda lp, o, a, m: O.sppo_seq_loss(lp, o, a, m),
+    # CISPO's stop-gradient weight is not differentiated, so finite differences see it; test_cispo.py gradchecks
+    # it with the weight frozen. GMPO is differentiable almost everywhere (per-token clips in log space).
+    "gmpo": lambda lp, o, a, m: O.gmpo_loss(lp, o, a, m, clip_eps_low=0.3),
 }
+STOP_GRADIENT_CASES = {"cispo": lambda lp, o, a, m: O.cispo_loss(lp, o, a, m, clip_eps_high=0.1)}
+"""Objectives whose gradient is by design not the derivative of their value (gradchecked in their own files)."""
+ALL_CASES = {**POLICY_CASES, **STOP_GRADIENT_CASES}
 
 
 @pytest.mark.parametrize("case", sorted(POLICY_CASES))
@@ -148,7 +155,7 @@ def _all_calls():
     c, r, c0, r0 = (torch.randn(3, dtype=torch.float64) for _ in range(4))
     c.requires_grad_()
     r.requires_grad_()
-    calls = {name: (lambda f=f: f(logp, old, adv, mask)) for name, f in POLICY_CASES.items()}
+    calls = {name: (lambda f=f: f(logp, old, adv, mask)) for name, f in ALL_CASES.items()}
     calls["value_loss"] = lambda: O.value_loss(logp, old, old + 1, mask)
     calls["value_loss_unclipped"] = lambda: O.value_loss(logp, old, old + 1, mask, clip_eps=None)
     calls["dpo"] = lambda: O.dpo_loss(c, r, c0, r0)
@@ -173,10 +180,10 @@ def test_loss_output_contract(name):
 
 
 @pytest.mark.parametrize("name", ["ppo", "grpo", "dapo", "sapo", "gspo", "gspo_token", "decoupled_ppo", "a3po",
-                                  "sppo_seq", "dr_grpo"])
+                                  "sppo_seq", "dr_grpo", "cispo", "gmpo"])
 def test_empty_batch_gives_zero_loss_and_finite_metrics(name):
     logp, old, adv, _ = _policy_point(98)
-    out = POLICY_CASES[name](logp, old, adv, torch.zeros(3, 4))
+    out = ALL_CASES[name](logp, old, adv, torch.zeros(3, 4))
     assert out.loss.item() == 0.0
     out.loss.backward()
     assert torch.equal(logp.grad, torch.zeros_like(logp))
@@ -186,8 +193,8 @@ def test_empty_batch_gives_zero_loss_and_finite_metrics(name):
         assert out.metrics[key].item() == 0.0, key
 
 
-@pytest.mark.parametrize("name", ["ppo", "grpo_kl", "gspo", "gspo_token", "sapo", "a3po", "dr_grpo"])
+@pytest.mark.parametrize("name", ["ppo", "grpo_kl", "gspo", "gspo_token", "sapo", "a3po", "dr_grpo", "cispo", "gmpo"])
 def test_mask_dtypes_agree(name):
     logp, old, adv, mask = _policy_point(99)
-    losses = [POLICY_CASES[name](logp, old, adv, m).loss for m in (mask, mask.bool(), mask.long(), mask.float())]
+    losses = [ALL_CASES[name](logp, old, adv, m).loss for m in (mask, mask.bool(), mask.long(), mask.float())]
     assert all(torch.equal(losses[0], x) for x in losses[1:])

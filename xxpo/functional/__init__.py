@@ -6,6 +6,7 @@ from xxpo.functional.advantages import (
     gae,
     group_advantages,
     leave_one_out_advantages,
+    reinforce_pp_advantages,
     sequence_value_advantages,
     token_rewards_from_outcome,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "leave_one_out_advantages",
     "masked_mean",
     "masked_sum",
+    "reinforce_pp_advantages",
     "selective_log_softmax",
     "sequence_log_ratio",
     "sequence_value_advantages",

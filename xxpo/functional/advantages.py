@@ -115,7 +115,12 @@ def group_advantages(
 
 
 def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """RLOO (arXiv 2402.14740): A_i = R_i - mean_{j != i} R_j within each group; ``(B,)``."""
+    """RLOO (Ahmadian et al. 2024, arXiv 2402.14740): A_i = R_i - mean_{j != i} R_j within each group; ``(B,)``.
+
+    The baseline of sample i is the mean of the other G - 1 rewards of its prompt, so it does not depend
+    on R_i and the estimate stays unbiased. Equivalently A_i = G / (G - 1) (R_i - mean_j R_j): the group-mean
+    advantage (``group_advantages(..., adv_norm="none")``) scaled by G / (G - 1), which is how verl computes it.
+    """
     grouped = _groups(rewards, group_size)
     if group_size < 2:
         raise ValueError("group_size must be >= 2 for leave-one-out advantages")
@@ -123,12 +128,53 @@ def leave_one_out_advantages(rewards: torch.Tensor, group_size: int) -> torch.Te
     return (grouped - others_mean).reshape(-1)
 
 
-def batch_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the valid entries of the batch (PPO's advantage whitening)."""
+def reinforce_pp_advantages(
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    group_size: int | None = None,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    gamma: float = 1.0,
+    eps: float = 1e-8,
+    unbiased: bool = True,
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262): discounted token returns, whitened over the whole batch; ``(B, T)``.
+
+    Token rewards are the outcome reward on each response's last valid token minus ``kl_coef * kl`` on every
+    token (the KL-in-reward of ``token_rewards_from_outcome``); the return G_t = sum_{s >= t} gamma^(s-t) r_s
+    is then normalized by the mean and std over all valid tokens of the batch (``batch_whiten``): no critic
+    and no per-prompt std. With ``group_size`` the mean reward of each prompt's group is subtracted from its
+    outcome rewards first: REINFORCE++-baseline (verl ``reinforce_plus_plus_baseline``), which the paper
+    recommends with several samples per prompt. Padding gets 0; a masked position passes no return on.
+    With gamma = 1 and no KL every token of a response carries the same value, so the result is a
+    token-weighted batch z-score of the (centred) outcome rewards. ``eps`` and the unbiased variance over
+    the valid tokens follow verl's ``masked_whiten``.
+    """
+    check_tensor("rewards", rewards, ndim=1)
+    m = check_mask("mask", mask, (rewards.shape[0], mask.shape[-1])).to(rewards.dtype)
+    check_number("gamma", gamma, low=0, high=1)
+    check_number("eps", eps, low=0)
+    if group_size is not None:
+        grouped = _groups(rewards, group_size)  # (n, G)
+        rewards = (grouped - grouped.mean(-1, keepdim=True)).reshape(-1)  # (B,)
+    token_rewards = token_rewards_from_outcome(rewards, m, kl, kl_coef)  # (B, T)
+    returns, _ = gae(token_rewards, torch.zeros_like(token_rewards), m, gamma=gamma, lam=1.0)  # V = 0: G_t
+    return batch_whiten(returns, m, eps=eps, unbiased=unbiased)
+
+
+def batch_whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8, unbiased: bool = False) -> torch.Tensor:
+    """(x - mean) / sqrt(var + eps) over the valid entries of the batch (PPO's advantage whitening).
+
+    ``unbiased=True`` divides the variance by N - 1 (N valid entries; N when N <= 1), as verl's ``masked_whiten``.
+    """
     check_tensor("x", x, ndim=(1, 2))
     mask = torch.ones_like(x) if mask is None else check_mask("mask", mask, x.shape).to(x.dtype)
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum()
+        var = var * n / (n - 1) if bool(n > 1) else var
     return torch.where(mask.bool(), (x - mean) * torch.rsqrt(var + eps), torch.zeros_like(x))
 
 

@@ -38,10 +38,11 @@ FIXED_AGGREGATION = {
     "gspo": "seq-mean-token-mean",  # a mean over responses of s_i A_i: the row normalizer of seq-mean-token-mean
     "gspo_token": "seq-mean-token-mean",
     "dr_grpo": "seq-mean-token-sum-norm",
+    "gmpo": "seq-mean-token-mean",  # a mean over responses of s_i A_i, like GSPO
 }
 """Objectives without a ``loss_agg_mode`` argument, and the aggregation they apply (the tests check each)."""
 
-SEQUENCE_ADVANTAGES = ("gspo",)
+SEQUENCE_ADVANTAGES = ("gspo", "gmpo")
 """Objectives that need one advantage per response, shape (B,), and refuse per-token ones."""
 
 KERNEL_ARGUMENTS = ("ref_logp", "staleness")
@@ -216,8 +217,20 @@ TRL_EQUIVALENTS: dict[str, Equivalent | None] = {
                                 "response and 0 for the rejected one, eta = 1/beta; TRL sums the pair's two terms "
                                 "where xxpo averages them (a factor 2)", trainer="DPOTrainer"),
     "sppo_seq": Equivalent({"loss_type": "dapo"}, "the clipped loss only: TRL has no prompt-value critic"),
+    "cispo": Equivalent({"loss_type": "cispo", "epsilon_high": 5.0},
+                        "TRL's epsilon_high is the weight cap 1 + clip_eps_high and TRL sets no lower bound, so the "
+                        "adapter (which reads epsilon_high as clip_eps_high) does not reproduce it from the same "
+                        "config; the loss itself is checked in tests/equivalence/test_trl.py",
+                        trainer="GRPOTrainer, loss only"),
+    "gmpo": Equivalent({"epsilon": 0.4}, "TRL counts a response with no valid token in its mean over responses; "
+                       "checked in tests/equivalence/test_trl.py", trainer="trl.experimental.gmpo.GMPOTrainer"),
+    "rloo": Equivalent({"beta": 0.03}, "the advantages (leave-one-out baseline, KL summed into the reward) are "
+                       "TRL's; TRL clips one product ratio per response, so the losses agree on-policy only",
+                       trainer="RLOOTrainer"),
+    "reinforce_pp": None,
 }
-"""xxpo method -> the TRL 1.16 setting with the same loss (None: TRL has none)."""
+"""xxpo method -> the TRL 1.16 setting with the same loss (None: TRL has none). Entries whose ``trainer`` is
+not ``GRPOTrainer`` or ``DPOTrainer`` are checked by ``tests/equivalence`` rather than through the adapter."""
 
 _NO_DUAL_CLIP = ("vanilla's dual-clip (clip_ratio_c) has no counterpart in this objective: equal until a token has "
                  "A < 0 and r > clip_ratio_c")
@@ -255,6 +268,23 @@ VERL_EQUIVALENTS: dict[str, Equivalent | None] = {
     "sppo_seq": Equivalent({"actor.policy_loss.loss_mode": "vanilla", "actor.loss_agg_mode": "token-mean"},
                            "the policy loss only (the prompt-value critic is in the authors' verl fork); "
                            + _NO_DUAL_CLIP, trainer="core_algos"),
+    "cispo": Equivalent({"actor.policy_loss.loss_mode": "cispo", "actor.loss_agg_mode": "token-mean"},
+                        "verl's default clip_ratio_low = 0.2 bounds the weight below by 0.8 (passed on as clip_eps_low); "
+                        "clip_ratio_low=1.0 gives the paper's unbounded weight", trainer="core_algos"),
+    "gmpo": Equivalent({"actor.policy_loss.loss_mode": "geo_mean", "actor.clip_ratio_low": 0.4,
+                        "actor.clip_ratio_high": 0.4},
+                       "equal to ~1e-9 (verl adds 1e-8 to its length denominators), checked in "
+                       "tests/equivalence/test_verl_family.py; verl averages over all responses, empty ones too",
+                       trainer="core_algos, to 1e-8"),
+    "rloo": Equivalent({"algorithm.adv_estimator": "rloo", "actor.policy_loss.loss_mode": "vanilla",
+                        "actor.loss_agg_mode": "seq-mean-token-sum"},
+                       "the advantages are verl's rloo estimator (checked in tests/equivalence/test_verl_family.py); "
+                       "vanilla's dual-clip is read as dual_clip_c", trainer="core_algos"),
+    "reinforce_pp": Equivalent({"algorithm.adv_estimator": "reinforce_plus_plus", "actor.policy_loss.loss_mode":
+                                "vanilla", "actor.loss_agg_mode": "token-mean"},
+                               "the advantages are verl's reinforce_plus_plus estimator (checked in "
+                               "tests/equivalence/test_verl_family.py); vanilla's dual-clip is read as dual_clip_c",
+                               trainer="core_algos"),
 }
 """xxpo method -> the verl 0.9.1 setting with the same policy loss (None: verl has none)."""
 

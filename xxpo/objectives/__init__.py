@@ -4,16 +4,20 @@ Sign convention: papers *maximize* an objective J; every function here returns a
 *minimize*, in a ``LossOutput(loss, metrics)``. Tensors are (B, T) over response tokens, B = prompts x G;
 ``mask`` marks real tokens; advantages are (B,) per sequence or (B, T) per token.
 
-``get(name)`` looks a method up by name; ``METHODS`` lists the names.
+``get(name)`` looks a method up by name; ``METHODS`` lists the names. ``mismatch_weights`` is not a method:
+it returns importance weights for the sampler-trainer mismatch (TIS, MIS, IcePop) usable with any of them.
 """
 
 from xxpo.objectives.a3po import a3po_loss, a3po_prox_logp
+from xxpo.objectives.cispo import cispo_loss
 from xxpo.objectives.dapo import dapo_loss, overlong_penalty
 from xxpo.objectives.decoupled_ppo import decoupled_ppo_loss
 from xxpo.objectives.dpo import dpo_loss
 from xxpo.objectives.dr_grpo import dr_grpo_loss
+from xxpo.objectives.gmpo import gmpo_loss
 from xxpo.objectives.grpo import grpo_loss
 from xxpo.objectives.gspo import gspo_loss, gspo_token_loss
+from xxpo.objectives.mismatch import MISMATCH_LEVELS, MISMATCH_MODES, MismatchWeights, mismatch_weights
 from xxpo.objectives.output import LossOutput
 from xxpo.objectives.ppo import ppo_loss, value_loss
 from xxpo.objectives.sapo import sapo_loss
@@ -35,6 +39,10 @@ _REGISTRY = {
     "dpo": dpo_loss,
     "sppo_selfplay": sppo_selfplay_loss,
     "sppo_seq": sppo_seq_loss,
+    "cispo": cispo_loss,
+    "gmpo": gmpo_loss,
+    "rloo": ppo_loss,  # RLOO and REINFORCE++ change the advantage estimator (xxpo.functional), not the loss
+    "reinforce_pp": ppo_loss,
 }
 METHODS = tuple(_REGISTRY)
 
@@ -49,16 +57,22 @@ def get(name: str):
 __all__ = [
     "LossOutput",
     "METHODS",
+    "MISMATCH_LEVELS",
+    "MISMATCH_MODES",
+    "MismatchWeights",
     "a3po_loss",
     "a3po_prox_logp",
+    "cispo_loss",
     "dapo_loss",
     "decoupled_ppo_loss",
     "dpo_loss",
     "dr_grpo_loss",
     "get",
+    "gmpo_loss",
     "grpo_loss",
     "gspo_loss",
     "gspo_token_loss",
+    "mismatch_weights",
     "overlong_penalty",
     "ppo_loss",
     "sapo_loss",

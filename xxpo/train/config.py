@@ -180,7 +180,7 @@ class TrainConfig:
             raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
         if self.behav_weight_cap is not None and self.behav_weight_cap < 1:
             raise ValueError(f"behav_weight_cap must be >= 1, got {self.behav_weight_cap}")
-        if preset.advantage == "group" and self.group_size < 2:
+        if preset.advantage in ("group", "leave_one_out") and self.group_size < 2:
             raise ValueError(f"group_size must be >= 2 for {self.method} (group-relative advantages)")
         if (self.prompts_per_step * self.group_size) % self.minibatches:
             raise ValueError("minibatches must divide prompts_per_step * group_size")
@@ -230,6 +230,7 @@ LEARNING_CHECK = {
     "ppo": {}, "trpo": {}, "grpo": {}, "dr_grpo": {}, "dapo": {}, "sppo_seq": {},
     "gspo": dict(lr=1e-4), "gspo_token": dict(lr=1e-4), "sapo": dict(lr=1e-4),
     "decoupled_ppo": dict(lr=1e-4, staleness=2), "a3po": dict(lr=1e-4, staleness=2),
+    "cispo": {}, "gmpo": {}, "rloo": {}, "reinforce_pp": {},
     "dpo": dict(dpo_beta=1.0, lr=1e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
     "ipo": dict(dpo_beta=0.5, lr=3e-4, prompts_per_step=64, epochs=3, steps=30, eval_every=30),
     "sppo_selfplay": dict(eta=2.0, lr=3e-4, steps=30, iterations=3, eval_every=30),
@@ -245,6 +246,8 @@ overrides (measured on add2, tiny model, 3 seeds, 40 steps; see benchmarks/READM
   model so far that token ratios reach ~2 within one rollout; SAPO (no hard clip) then ended below the
   base on 2 of 3 seeds and Decoupled PPO / A-3PO with eta = 2 on 1-2 of 3 seeds.
 - Decoupled PPO and A-3PO run with staleness eta = 2 (their regime) instead of AReaL's 8.
+- CISPO, GMPO, RLOO and REINFORCE++ run on their presets (one minibatch per rollout, so on-policy: CISPO is then
+  REINFORCE and GMPO is GRPO's gradient; the check only says the estimator and the loop learn).
 - DPO / IPO / SPPO use beta = 1 / 0.5 and eta = 2 instead of the papers' 0.1 and 1000, which suit
   responses of hundreds of tokens (see "Scale" in :mod:`xxpo.train.preference`).
 """

@@ -3,7 +3,7 @@
     for step in range(steps):
         rollout   = sample G responses for each of P prompts      (from a policy <= eta versions old)
         rewards   = task.reward(prompt, response)                  (verifiable, in [0, 1])
-        adv       = group z-score | group mean | GAE | R - V(x)    (the method's advantage estimator)
+        adv       = group z-score | leave-one-out | GAE | R - V(x) | whitened returns   (the method's estimator)
         [prox]    = recompute pi_prox | A-3PO interpolation        (decoupled PPO / A-3PO only)
         for epoch in range(mu): for minibatch in split(rollout, minibatches):
             logp  = policy forward on the minibatch
@@ -37,7 +37,10 @@ from xxpo.functional import (
     batch_whiten,
     gae,
     group_advantages,
+    leave_one_out_advantages,
     masked_mean,
+    masked_sum,
+    reinforce_pp_advantages,
     selective_log_softmax,
     sequence_value_advantages,
     token_rewards_from_outcome,
@@ -119,13 +122,13 @@ class Trainer(Run):
     def advantages(self, rollout: Rollout, rewards: torch.Tensor):
         """(B,) or (B, T) advantages from the method's estimator, and extra tensors the critic update needs."""
         c, kind = self.config, self.preset.advantage
+        kl_coef = self.kl_coef if self.preset.reference == "KL in reward" else 0.0
+        kl = None if self.ref_logp is None or not kl_coef else rollout.behav_logp - self.ref_logp  # (B, T), k1
         if kind == "gae":
             with torch.no_grad():
                 values = self.critic(rollout.input_ids, rollout.attention_mask)  # (B, P+T)
             p = rollout.prompt_ids.shape[1]
             values = values[:, p - 1 : -1]  # (B, T): V(state before token t)
-            kl_coef = self.kl_coef if self.preset.reference == "KL in reward" else 0.0
-            kl = None if self.ref_logp is None or not kl_coef else rollout.behav_logp - self.ref_logp  # (B, T), k1
             token_rewards = token_rewards_from_outcome(rewards, rollout.response_mask, kl, kl_coef)
             adv, returns = gae(token_rewards, values, rollout.response_mask, c.gamma, c.lam)
             return batch_whiten(adv, rollout.response_mask), {"values": values, "returns": returns}
@@ -135,6 +138,12 @@ class Trainer(Run):
             return sequence_value_advantages(rewards, torch.sigmoid(value_logits)), {}
         if kind == "group":
             return group_advantages(rewards, c.group_size, adv_norm=c.preset_value("adv_norm", "group"), eps=c.adv_eps), {}
+        if kind == "leave_one_out":
+            if kl is not None:  # the KL penalty of the whole response comes off its reward
+                rewards = rewards - kl_coef * masked_sum(kl, rollout.response_mask, dim=-1)  # (B,)
+            return leave_one_out_advantages(rewards, c.group_size), {}
+        if kind == "reinforce_pp":
+            return reinforce_pp_advantages(rewards, rollout.response_mask, kl=kl, kl_coef=kl_coef, gamma=c.gamma), {}
         raise ValueError(f"advantage estimator {kind!r} of method {c.method!r} is not one the RL loop has")
 
     def objective(self, mb: Rollout, logp, adv, extra, step: int):
