@@ -119,3 +119,18 @@ def test_the_jsonl_task_grades_what_the_tokenizer_decodes(model_dir, data):
     ids = tokenizer(task.sft_target(ex, None) + "<|im_end|>", add_special_tokens=False)["input_ids"]
     response = tokenizer.decode(ids, skip_special_tokens=True)  # what decode_responses gives the verifier
     assert task.is_correct(ex, response) and task.reward(ex, response) == 1.0
+
+
+def test_the_run_cache_key_follows_the_users_files(model_dir, data, tmp_path):
+    from xxpo import experiments as ex
+
+    assert not {"task_files", "model_files"} & set(ex.run_key(TrainConfig(progress=False))[1])  # built-ins: as before
+    copy = tmp_path / "train.jsonl"
+    copy.write_text(data.read_text())
+    config = TrainConfig(model=str(model_dir), task=f"jsonl:{copy}", progress=False)
+    key, material = ex.run_key(config)
+    assert set(material["model_files"]) >= {"config.json", "tokenizer.json", "model.safetensors"}
+    assert ex.run_key(config)[0] == key
+    with copy.open("a") as f:
+        f.write(json.dumps({"prompt": "What is 1 plus 1?", "answer": 2}) + "\n")
+    assert ex.run_key(config)[0] != key  # an edited data file is a new run, not a cache hit
