@@ -171,3 +171,14 @@ def test_a_second_file_is_the_test_split_and_overlap_leaves_train(tmp_path):
     assert set(info["sha256"]) == {"train", "test"}
     with pytest.raises(ValueError, match="n_test"):
         get_task(f"jsonl:{train},{test}", n_test=3)
+
+
+def test_the_preference_oracle_reads_decimal_answers(tmp_path):
+    from xxpo.tasks import preference_prob
+
+    task = get_task(f"jsonl:{write_jsonl(tmp_path / 'd.jsonl', [{'prompt': 'half of 5?', 'answer': 2.5}, *problems(3)])}",
+                    n_test=1)
+    ex = next(e for e in task.split("train") + task.split("test") if e.prompt == "half of 5?")
+    assert preference_prob(task, ex, "#### 2.5", "3") > 0.5  # correct beats wrong
+    assert preference_prob(task, ex, "2.4", "9") > 0.5  # closer beats farther
+    assert preference_prob(task, ex, "2.4", "no idea") > 0.5  # any number beats none

@@ -134,3 +134,14 @@ def test_the_run_cache_key_follows_the_users_files(model_dir, data, tmp_path):
     with copy.open("a") as f:
         f.write(json.dumps({"prompt": "What is 1 plus 1?", "answer": 2}) + "\n")
     assert ex.run_key(config)[0] != key  # an edited data file is a new run, not a cache hit
+
+
+@pytest.mark.parametrize("method", ["sppo_selfplay", "dpo"])
+def test_preference_methods_run_on_the_local_model_and_jsonl_task(model_dir, data, tmp_path, method):
+    from xxpo.train.preference import train_preference
+
+    config = TrainConfig.from_preset(method, model=str(model_dir), task=f"jsonl:{data}", device="cpu", steps=1,
+                                     iterations=1, prompts_per_step=2, group_size=8, max_new_tokens=16, eval_n=3,
+                                     progress=False)
+    result = train_preference(config, tmp_path)
+    assert result.metrics["loss"].map(math.isfinite).all()

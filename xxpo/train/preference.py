@@ -174,11 +174,14 @@ class PreferenceTrainer(Run):
         self.generators = (self.sample_gen, self.kl_gen)
         self.train_examples = self.task.split("train")
         self.eval_examples = fixed_subset(self.task, min(config.eval_n, len(self.task.split("test"))))
-        self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples, max_new_tokens=self.max_new_tokens)
+        with self.precision():  # bf16 autocast for a local model on CUDA, else nothing
+            self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples,
+                                                max_new_tokens=self.max_new_tokens)
         self.anchor = None  # SPPO's pi_t
         self.data_info: dict = {}
         if not self.self_play:  # offline pairs, mined once
-            self.pairs = self.mine_pairs()
+            with self.precision():
+                self.pairs = self.mine_pairs()
             n, shuffle_gen = len(self.pairs["ref_chosen"]), torch.Generator().manual_seed(config.seed)
             passes = math.ceil(config.steps * config.prompts_per_step / n)
             self.order = torch.cat([torch.randperm(n, generator=shuffle_gen) for _ in range(passes)])  # pass by pass
