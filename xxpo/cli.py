@@ -61,10 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "record); 'smoke' writes executed copies into a scratch directory.")
     rp.add_argument("notebooks", nargs="*", help="notebook paths (default: every notebooks/*.ipynb)")
     rp.add_argument("--profile", choices=PROFILES, default="smoke", help="parameter profile (default: smoke)")
-    rp.add_argument("--scratch", default=None, help="output directory for smoke runs (default: a temp dir)")
     rp.add_argument("--check-seeds", default=None, type=_seed_list,
                     help="with --profile full: re-run each record with these reported seeds (e.g. 5,6,7,8,9) and "
                          "store the re-run's verdicts in the record, beside its own")
+    rp.add_argument("--scratch", default=None, help="output directory for smoke and gpu runs (default: a temp dir)")
+    rp.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="a notebook parameter for papermill, e.g. -p model /models/Qwen2.5-0.5B-Instruct "
+                         "-p task jsonl:/data/train.jsonl,/data/test.jsonl -p seeds '[0, 1]' (VALUE is read as JSON "
+                         "when it parses, else as a string; repeatable; not with --profile full)")
     return parser
 
 
@@ -114,11 +118,25 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def notebook_parameters(pairs: list[list[str]]) -> dict:
+    """``-p NAME VALUE`` pairs as papermill parameters: VALUE as JSON when it parses (``3``, ``[0, 1]``,
+    ``null``, ``true``), else the string itself (paths, ``jsonl:...`` task strings)."""
+    out = {}
+    for name, value in pairs:
+        if not name.isidentifier():
+            raise ValueError(f"-p: parameter names are Python identifiers, got {name!r}")
+        try:
+            out[name] = json.loads(value)
+        except json.JSONDecodeError:
+            out[name] = value
+    return out
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from xxpo.reproduce import reproduce
 
     results = reproduce(args.notebooks or None, profile=args.profile, scratch=args.scratch,
-                        check_seeds=args.check_seeds)
+                        check_seeds=args.check_seeds, parameters=notebook_parameters(args.parameters))
     return 0 if all(r["ok"] for r in results) else 1
 
 

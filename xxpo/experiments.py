@@ -105,7 +105,27 @@ def run_key(config: TrainConfig) -> tuple[str, dict]:
     material = {"config": config.to_dict(), "xxpo": xxpo.__version__, "engine": engine_hash(),
                 "torch": torch.__version__, "transformers": transformers.__version__,
                 "device": resolve_device(config.device).type}
+    material.update(_local_inputs(config))
     return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16], material
+
+
+def _local_inputs(config: TrainConfig) -> dict:
+    """What the key adds for inputs that live in the user's files, so that editing them recomputes the run:
+    a JSONL task's files (their SHA-256) and a local model directory (its file names and sizes, and the
+    SHA-256 of its small files: config, tokenizer, chat template; hashing gigabytes of weights per run is
+    not worth it, so weights rewritten with the same size are not noticed). Built-in tasks and model
+    presets add nothing."""
+    from xxpo.tasks.jsonl import file_sha256, is_jsonl_spec, parse_spec
+
+    extra = {}
+    if is_jsonl_spec(config.task):
+        extra["task_files"] = [file_sha256(p) if os.path.isfile(p) else None for p in parse_spec(config.task) if p]
+    model_dir = Path(os.path.expanduser(config.model))
+    if model_dir.is_dir():
+        files = sorted(p for p in model_dir.rglob("*") if p.is_file())
+        extra["model_files"] = {p.relative_to(model_dir).as_posix(): p.stat().st_size if p.stat().st_size > 1 << 20
+                                else hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return extra
 
 
 @dataclass

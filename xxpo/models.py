@@ -411,17 +411,56 @@ def save_model(model: PreTrainedModel, tokenizer, path: str | os.PathLike) -> No
     tokenizer.save_pretrained(path)
 
 
+PRECISIONS = ("fp32", "bf16-autocast")
+
+
+def training_precision(device: torch.device) -> str:
+    """How a local Hugging Face model is trained on ``device``: ``"bf16-autocast"`` on a CUDA device that
+    supports bfloat16, else ``"fp32"``.
+
+    ``"bf16-autocast"`` is mixed precision: the weights, gradients and AdamW moments stay float32 and the
+    forward passes (sampling, training, reference, evaluation) run under
+    ``torch.autocast("cuda", dtype=torch.bfloat16)``, so matrix products run in bfloat16 while
+    log-softmax and the losses stay float32. Weights stored in bfloat16 would not train at the learning
+    rates of the GPU profiles: bfloat16 keeps 8 significant bits, so an AdamW step of ~1e-6 on a weight of
+    ~1e-2, a relative change of 1e-4, is far under half the spacing of bfloat16 numbers (2^-9 to 2^-8 of
+    the value) and rounds back to the old weight. The
+    built-in tiny models always train in float32 (their records were made that way).
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16-autocast"
+    return "fp32"
+
+
+def precision_context(precision: str, device: torch.device):
+    """The context manager that applies ``precision`` (one of :data:`PRECISIONS`) to forwards on ``device``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16-autocast":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest sequence (prompt + response) ``model``'s config declares (``max_position_embeddings``)."""
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+
 def load_model(path: str | os.PathLike, device: str = "auto") -> tuple[PreTrainedModel, object]:
     """Load a causal LM and its tokenizer from a local Hugging Face directory (never the network).
 
-    The model is returned in eval mode on ``resolve_device(device)``. The tokenizer is switched to
-    left padding (the engine left-pads prompts); a tokenizer without a pad token gets its EOS token
-    as pad, the usual choice for causal LMs.
+    The model is returned in eval mode on ``resolve_device(device)``, in float32 whatever dtype the
+    checkpoint was saved in (a bfloat16 checkpoint such as Qwen2.5's is upcast; on CUDA the trainer
+    adds bfloat16 autocast, see :func:`training_precision`). The tokenizer is the directory's own,
+    switched to left padding (the engine left-pads prompts); a tokenizer without a pad token gets its
+    EOS token as pad, the usual choice for causal LMs. If it has a chat template,
+    :func:`xxpo.tasks.encode_prompts` applies it to every prompt. Generation stops at the tokenizer's
+    EOS token (``<|im_end|>`` for Qwen2.5-Instruct and Qwen3).
     """
     if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"path must be a local model directory containing config.json, got {path!r}")
     target = resolve_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(target).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch.float32).to(target).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:

@@ -99,13 +99,15 @@ def notebooks() -> list[Path]:
     return sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
 
 
-def run_notebook(path: Path, profile: str, output: Path) -> dict:
-    """Execute ``path`` into ``output`` with ``profile``; returns a summary dict (never raises on failure)."""
+def run_notebook(path: Path, profile: str, output: Path, parameters: dict | None = None) -> dict:
+    """Execute ``path`` into ``output`` with ``profile`` and any other notebook ``parameters`` (e.g. ``model``,
+    ``task``); returns a summary dict (never raises on failure)."""
     import papermill
 
     start = time.perf_counter()
     try:
-        papermill.execute_notebook(str(path), str(output), parameters={"profile": profile}, kernel_name="python3",
+        papermill.execute_notebook(str(path), str(output), parameters={**(parameters or {}), "profile": profile},
+                                   kernel_name="python3",
                                    cwd=str(path.parent), progress_bar=False)
         nb = nbformat.read(output, as_version=4)
         verdicts = collect_verdicts(nb)
@@ -118,12 +120,22 @@ def run_notebook(path: Path, profile: str, output: Path) -> dict:
             "output": str(output), "error": error}
 
 
-def reproduce(paths=None, profile: str = "smoke", scratch=None, check_seeds=None) -> list[dict]:
+def reproduce(paths=None, profile: str = "smoke", scratch=None, parameters: dict | None = None,
+              check_seeds=None) -> list[dict]:
     """Run ``paths`` (default: every notebook) under ``profile``; prints progress and a summary table.
+
+    ``parameters``: other papermill parameters for every notebook, e.g. ``{"model": "/models/Qwen2.5-0.5B-Instruct",
+    "task": "jsonl:/data/gsm8k_train.jsonl,/data/gsm8k_test.jsonl"}`` for the ``gpu`` profile. The ``full``
+    profile takes none: it writes the committed record, which must come from the notebook's own defaults.
     With ``check_seeds`` (``full`` only), each successful record is then re-run with those reported seeds
-    and the re-run's verdicts are attached to it (:func:`check_notebook`)."""
+    and the re-run's verdicts are attached to it (:func:`check_notebook`).
+    """
     if profile not in ("smoke", "full", "gpu"):
         raise ValueError(f"profile must be 'smoke', 'full' or 'gpu', got {profile!r}")
+    if parameters and profile == "full":
+        raise ValueError("the full profile writes the committed record and takes no parameters; use 'gpu' or 'smoke'")
+    if parameters and "profile" in parameters:
+        raise ValueError("set the profile with profile=..., not among the parameters")
     if check_seeds is not None:
         if profile != "full":
             raise ValueError("check_seeds re-runs a full record; use it with profile 'full'")
@@ -141,7 +153,7 @@ def reproduce(paths=None, profile: str = "smoke", scratch=None, check_seeds=None
         output = path if profile == "full" else out_dir / path.name
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
-        result = run_notebook(path, profile, output)
+        result = run_notebook(path, profile, output, parameters)
         status = "ok" if result["ok"] else f"FAILED: {result['error']}"
         print(f"    {status} in {result['seconds']:.0f} s -> {result['output']}", flush=True)
         results.append(result)

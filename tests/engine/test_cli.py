@@ -44,3 +44,23 @@ def test_bad_option_values_are_reported_not_raised(tmp_path, capsys):
     assert "lr" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--out", str(tmp_path), "--steps", "many"])
+
+
+def test_reproduce_passes_notebook_parameters_to_papermill(monkeypatch, tmp_path):
+    import xxpo.reproduce as rp
+
+    calls = []
+
+    def fake_run(path, profile, output, parameters=None):
+        calls.append((path.name, profile, parameters))
+        return {"notebook": path.name, "profile": profile, "ok": True, "seconds": 0.0, "output": str(output), "error": None}
+
+    monkeypatch.setattr(rp, "run_notebook", fake_run)
+    nb = sorted(rp.notebooks())[-1]
+    assert main(["reproduce", "--profile", "gpu", "--scratch", str(tmp_path), "-p", "model", "/models/qwen",
+                 "-p", "task", "jsonl:/d/train.jsonl,/d/test.jsonl", "-p", "seeds", "[0, 1]", "-p", "steps", "5",
+                 str(nb)]) == 0
+    assert calls == [(nb.name, "gpu", {"model": "/models/qwen", "task": "jsonl:/d/train.jsonl,/d/test.jsonl",
+                                        "seeds": [0, 1], "steps": 5})]
+    assert main(["reproduce", "--profile", "full", "-p", "steps", "5", str(nb)]) == 2  # the record takes no parameters
+    assert main(["reproduce", "--profile", "gpu", "-p", "not-a-name", "1", str(nb)]) == 2

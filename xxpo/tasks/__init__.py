@@ -1,13 +1,16 @@
 """Verifiable tasks, the character tokenizer, and preference data.
 
-``get_task(name)`` returns a :class:`Task`; ``TASKS`` lists the names, plain tasks easiest first, then
-the free-length ``add2_scratch``. Formats and measured difficulty are in :mod:`xxpo.tasks.arithmetic`.
+``get_task(name)`` returns a :class:`Task`; ``TASKS`` lists the built-in names, plain tasks easiest
+first, then the free-length ``add2_scratch``. Formats and measured difficulty are in
+:mod:`xxpo.tasks.arithmetic`. A name ``jsonl:TRAIN[,TEST]`` reads your own prompts and numeric answers
+from local JSONL files (:mod:`xxpo.tasks.jsonl`).
 """
 
 from __future__ import annotations
 
 from xxpo.tasks.arithmetic import ArithmeticTask, ScratchArithmeticTask
 from xxpo.tasks.base import SPLITS, Example, Task
+from xxpo.tasks.jsonl import JsonlTask, is_jsonl_spec
 from xxpo.tasks.preferences import preference_pairs, preference_prob
 from xxpo.tasks.tokenizer import ALPHABET, encode_prompts, make_tokenizer
 
@@ -28,9 +31,15 @@ steps are cheapest with its short prompts and answers."""
 
 
 def get_task(name: str, **kwargs) -> Task:
-    """The task called ``name``; ``kwargs`` override its constructor defaults (e.g. ``n_train``)."""
+    """The task called ``name``; ``kwargs`` override its constructor defaults (e.g. ``n_train``).
+
+    ``name`` is one of :data:`TASKS` or ``jsonl:TRAIN[,TEST]`` (a :class:`JsonlTask`; its ``kwargs`` are
+    ``n_test`` and ``max_new_tokens``).
+    """
+    if is_jsonl_spec(name):
+        return JsonlTask(name, **kwargs)
     if name not in _SPECS:
-        raise ValueError(f"task must be one of {TASKS}, got {name!r}")
+        raise ValueError(f"task must be one of {TASKS} or jsonl:TRAIN[,TEST] (a local JSONL file), got {name!r}")
     cls, op, a_range, b_range, n_train, n_test = _SPECS[name]
     kwargs.setdefault("n_train", n_train)
     kwargs.setdefault("n_test", n_test)
@@ -44,6 +53,7 @@ __all__ = [
     "TASKS",
     "ArithmeticTask",
     "Example",
+    "JsonlTask",
     "ScratchArithmeticTask",
     "Task",
     "encode_prompts",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from decimal import Decimal
 
 from xxpo.tasks.base import Example, Task
 
@@ -26,7 +27,7 @@ MALFORMED_DISTANCE = 10**6
 
 def _score(task: Task, example: Example, response: str) -> float:
     graded = task.final_answer(response)
-    distance = MALFORMED_DISTANCE if graded is None else abs(int(graded) - int(example.answer))
+    distance = MALFORMED_DISTANCE if graded is None else abs(Decimal(graded) - Decimal(example.answer))  # exact; integers as before
     return CORRECT_BONUS * task.is_correct(example, response) - math.log1p(min(distance, MALFORMED_DISTANCE))
 
 

@@ -56,8 +56,31 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def render_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], bool]:
+    """The text the model reads for each prompt, and whether the tokenizer should add its special tokens.
+
+    A tokenizer with a chat template (``tokenizer.chat_template``, e.g. a local Qwen2.5-Instruct
+    directory) gets each prompt as one user message followed by the assistant's turn
+    (``apply_chat_template(..., add_generation_prompt=True)``; the template supplies its own special
+    tokens, so none are added). Without a template (the character tokenizer) the prompt is used as is
+    and the tokenizer adds its special tokens (``<bos>``).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+        return texts, False
+    return list(prompts), True
+
+
+def prompt_lengths(tokenizer, prompts: list[str]) -> list[int]:
+    """Tokens :func:`encode_prompts` gives each prompt (chat template and special tokens included)."""
+    texts, special = render_prompts(tokenizer, prompts)
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode prompts as ``<bos> + tokens``, left padded to the longest one.
+    """Encode prompts as ``<bos> + tokens`` (or through the tokenizer's chat template, see
+    :func:`render_prompts`), left padded to the longest one.
 
     Returns ``input_ids`` (B, P) long and ``attention_mask`` (B, P) long (1 = real token). Works with
     any left-padding tokenizer; a prompt that would contain the unknown token raises ``ValueError``.
@@ -69,10 +92,12 @@ def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.T
             raise TypeError(f"prompts[{i}] must be a str, got {type(prompt).__name__}")
     if tokenizer.padding_side != "left":
         raise ValueError(f"tokenizer.padding_side must be 'left' for prompts, got {tokenizer.padding_side!r}")
-    batch = tokenizer(list(prompts), padding=True, return_tensors="pt", add_special_tokens=True)
+    texts, special = render_prompts(tokenizer, prompts)
+    batch = tokenizer(texts, padding=True, return_tensors="pt", add_special_tokens=special)
     input_ids, attention_mask = batch["input_ids"].long(), batch["attention_mask"].long()  # (B, P), (B, P)
-    if tokenizer.unk_token_id is not None and bool((input_ids == tokenizer.unk_token_id).any()):
-        i = int((input_ids == tokenizer.unk_token_id).any(-1).nonzero()[0])  # first offending prompt
+    unknown_at = (input_ids == tokenizer.unk_token_id) & (attention_mask == 1) if tokenizer.unk_token_id is not None else None
+    if unknown_at is not None and bool(unknown_at.any()):  # real tokens only: some tokenizers pad with their unk token
+        i = int(unknown_at.any(-1).nonzero()[0])  # first offending prompt
         unknown = sorted(set(prompts[i]) - set(tokenizer.get_vocab()))
         raise ValueError(f"prompts[{i}] = {prompts[i]!r} has characters the tokenizer does not know: {unknown}")
     return input_ids, attention_mask

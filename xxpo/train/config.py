@@ -28,7 +28,8 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     # what to train
     method: str = _f("grpo", "Method name, a key of xxpo.presets.PRESETS: " + ", ".join(PRESETS))
-    task: str = _f(DEFAULT_TASK, "Task name (xxpo.tasks.TASKS)")
+    task: str = _f(DEFAULT_TASK, "Task: a name in xxpo.tasks.TASKS, or jsonl:TRAIN[,TEST] for prompts and numeric answers "
+                   "from local JSONL files (format, split and verifier: xxpo.tasks.jsonl)")
     model: str = _f("tiny", "Model preset (xxpo.models.MODEL_PRESETS) or a local Hugging Face model directory")
     seed: int = _f(0, "Seed for model init, sampling and minibatch order; same config + seed = same metrics")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu' or 'cuda[:i]'")

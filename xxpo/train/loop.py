@@ -51,7 +51,7 @@ from xxpo.tasks import encode_prompts, get_task
 from xxpo.presets import PRESETS
 from xxpo.train.config import TrainConfig
 from xxpo.train.evaluate import evaluate
-from xxpo.train.run import Run, RunResult, load_start
+from xxpo.train.run import Run, RunResult, load_start, sampling_budget
 
 
 def full_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
@@ -88,9 +88,9 @@ class Trainer(Run):
         c = config
         self.device = resolve_device(c.device)
         self.task = get_task(c.task)
-        self.max_new_tokens = c.max_new_tokens or self.task.max_new_tokens
         torch.manual_seed(c.seed)
         self.policy, self.reference, self.tokenizer, self.base_info = load_start(c, self.device)
+        self.max_new_tokens = sampling_budget(c, self.task, self.policy, self.tokenizer, self.base_info)
         self.is_moe = "moe" in type(self.policy).__name__.lower()
         if c.routing_replay and not self.is_moe:
             raise ValueError("routing_replay needs a mixture-of-experts model (e.g. model='tiny-moe')")
@@ -117,6 +117,9 @@ class Trainer(Run):
         self.generators = (self.sample_gen, self.shuffle_gen, self.lag_gen)
         self.lagged = LaggedPolicy(self.policy, eta=c.staleness, mode=c.staleness_mode, generator=self.lag_gen)
         self.train_examples = self.task.split("train")
+        if c.prompts_per_step > len(self.train_examples):
+            raise ValueError(f"prompts_per_step={c.prompts_per_step} is more than the {len(self.train_examples)} "
+                             f"training prompts of task {c.task!r}")
 
     # -------------------------------------------------------------- one step
     def advantages(self, rollout: Rollout, rewards: torch.Tensor):
@@ -374,7 +377,8 @@ class Trainer(Run):
     def summary_extra(self, metrics: pd.DataFrame) -> dict:
         c = self.config
         return {"effective_batch": {"prompts": c.prompts_per_step, "group_size": c.group_size,
-                                    "minibatches": c.minibatches, "epochs": c.epochs}}
+                                    "minibatches": c.minibatches, "epochs": c.epochs},
+                "max_new_tokens": self.max_new_tokens}
 
 
 def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False, callback=None) -> RunResult:

@@ -80,7 +80,7 @@ from xxpo.tasks import encode_prompts, get_task, preference_pairs, preference_pr
 from xxpo.tasks.base import Example, Task
 from xxpo.train.config import TrainConfig
 from xxpo.train.evaluate import fixed_subset, greedy_decode, score_responses
-from xxpo.train.run import Run, RunResult, load_start
+from xxpo.train.run import Run, RunResult, load_start, sampling_budget
 
 MINING_CHUNK = 256
 """Most prompts sampled per batch while mining DPO pairs from the base model."""
@@ -164,9 +164,9 @@ class PreferenceTrainer(Run):
         super().__init__(config, out_dir, callback)
         self.device = resolve_device(config.device)
         self.task = get_task(config.task)
-        self.max_new_tokens = config.max_new_tokens or self.task.max_new_tokens
         torch.manual_seed(config.seed)
         self.policy, self.base, self.tokenizer, self.base_info = load_start(config, self.device)
+        self.max_new_tokens = sampling_budget(config, self.task, self.policy, self.tokenizer, self.base_info)
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         self.sample_gen = torch.Generator().manual_seed(config.seed)
         self.kl_gen = torch.Generator().manual_seed(config.seed + 1)
@@ -174,11 +174,14 @@ class PreferenceTrainer(Run):
         self.generators = (self.sample_gen, self.kl_gen)
         self.train_examples = self.task.split("train")
         self.eval_examples = fixed_subset(self.task, min(config.eval_n, len(self.task.split("test"))))
-        self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples, max_new_tokens=self.max_new_tokens)
+        with self.precision():  # bf16 autocast for a local model on CUDA, else nothing
+            self.base_greedy, _ = greedy_decode(self.base, self.tokenizer, self.eval_examples,
+                                                max_new_tokens=self.max_new_tokens)
         self.anchor = None  # SPPO's pi_t
         self.data_info: dict = {}
         if not self.self_play:  # offline pairs, mined once
-            self.pairs = self.mine_pairs()
+            with self.precision():
+                self.pairs = self.mine_pairs()
             n, shuffle_gen = len(self.pairs["ref_chosen"]), torch.Generator().manual_seed(config.seed)
             passes = math.ceil(config.steps * config.prompts_per_step / n)
             self.order = torch.cat([torch.randperm(n, generator=shuffle_gen) for _ in range(passes)])  # pass by pass

@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,13 +40,15 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from xxpo.models import load_model
+from xxpo.models import MODEL_PRESETS, context_length, load_model, precision_context, training_precision
 from xxpo.results import atomic_torch_save, environment_snapshot, write_run
 from xxpo.train.config import TrainConfig
+from xxpo.tasks.jsonl import is_jsonl_spec
+from xxpo.tasks.tokenizer import prompt_lengths
 from xxpo.train.sft import base_model
 
 CHECKPOINT = "checkpoint.pt"
-BASE_INFO_KEYS = ("path", "config_hash", "eval_accuracy", "sft")
+BASE_INFO_KEYS = ("path", "config_hash", "eval_accuracy", "sft", "precision")
 
 
 @dataclass
@@ -111,16 +114,62 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
 
 
 def load_start(config: TrainConfig, device: torch.device):
-    """(policy to train, frozen reference, tokenizer, base info): the cached SFT model, or a local directory."""
-    if os.path.isdir(config.model):
-        model, tokenizer = load_model(config.model, device=str(device))
-        info = {"path": config.model, "eval_accuracy": None}
+    """(policy to train, frozen reference, tokenizer, base info): the cached SFT model, or a local directory.
+
+    ``config.model`` names a local Hugging Face model directory (loaded with its own tokenizer, float32
+    weights, ``info["precision"]`` from :func:`xxpo.models.training_precision`) or a model preset, for
+    which the SFT base model of the task is trained or loaded from the cache. A JSONL task has no SFT
+    base (the presets are built with the character tokenizer for the built-in tasks), so it needs a
+    model directory.
+    """
+    model_dir = os.path.expanduser(config.model)
+    if os.path.isdir(model_dir):
+        model, tokenizer = load_model(model_dir, device=str(device))
+        info = {"path": model_dir, "eval_accuracy": None, "precision": training_precision(device)}
+    elif config.model not in MODEL_PRESETS:
+        raise ValueError(f"model must be a model preset {tuple(MODEL_PRESETS)} or a local Hugging Face model "
+                         f"directory; there is no directory {config.model!r} (working directory {os.getcwd()!r})")
+    elif is_jsonl_spec(config.task):
+        raise ValueError(f"task {config.task!r} has no SFT base model: model presets ({config.model!r}) are trained "
+                         "from scratch on the built-in tasks with a character tokenizer. Start from a model "
+                         "directory instead: model=<local Hugging Face model directory> (xxpo train --model DIR)")
     else:
         base = base_model(config.task, config.model, seed=config.base_seed, sft_steps=config.sft_steps, device=str(device))
         model, tokenizer, info = base.model, base.tokenizer, base.info
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     policy = model.train().requires_grad_(True)
     return policy, reference, tokenizer, info
+
+
+def sampling_budget(config: TrainConfig, task, model, tokenizer, base_info: dict) -> int:
+    """The generation budget of a run: ``config.max_new_tokens``, else the task's, made to fit the model.
+
+    For a local model directory (``"precision"`` in ``base_info``) the longest prompt of the task (chat
+    template included) plus the budget must fit the model's context (``max_position_embeddings``). A
+    task default that does not fit is lowered to what fits, with a warning; an explicit
+    ``max_new_tokens`` that does not fit is an error. Model presets keep the budget as it is (they are
+    sized for the built-in tasks).
+    """
+    budget = config.max_new_tokens or task.max_new_tokens
+    context = context_length(model)
+    if "precision" not in base_info or context is None:
+        return budget
+    examples = task.split("train") + task.split("test")
+    lengths = prompt_lengths(tokenizer, [ex.prompt for ex in examples])
+    longest = max(lengths)
+    room = context - longest
+    if room < 1:
+        prompt = examples[lengths.index(longest)].prompt
+        raise ValueError(f"the longest prompt of task {config.task!r} is {longest} tokens, which leaves no room to "
+                         f"answer within the model's context of {context} tokens: {prompt[:80]!r}")
+    if budget <= room:
+        return budget
+    if config.max_new_tokens is not None:
+        raise ValueError(f"max_new_tokens={budget} does not fit: the model's context is {context} tokens and the "
+                         f"longest prompt takes {longest}, leaving {room}")
+    warnings.warn(f"max_new_tokens lowered from the task's {budget} to {room}: the model's context is {context} "
+                  f"tokens and the longest prompt takes {longest}", stacklevel=2)
+    return room
 
 
 class Run:
@@ -188,6 +237,12 @@ class Run:
         self.rows, self.base_eval, self.start_step = state["rows"], state["base_eval"], state["step"] + 1
 
     # ---------------------------------------------------------------- the run
+    def precision(self):
+        """The context of every step and evaluation: bfloat16 autocast for a local model on a CUDA device
+        with bfloat16 (``base_info["precision"]``, :func:`xxpo.models.training_precision`), else nothing.
+        The backward passes of a step run inside it too; every gradient still has its parameter's dtype (float32)."""
+        return precision_context(self.base_info.get("precision", "fp32"), self.device)
+
     def run(self, resume: bool = False) -> RunResult:
         c = self.config
         ckpt = self.out_dir / CHECKPOINT if self.out_dir is not None else None
@@ -195,16 +250,20 @@ class Run:
             self.restore(ckpt)
         started = time.perf_counter()
         if self.base_eval is None:
-            self.base_eval = self.evaluate()
+            with self.precision():
+                self.base_eval = self.evaluate()
         nan_eval = {k: math.nan for k in self.eval_columns(self.base_eval)}
         bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
                    initial=self.start_step, total=c.steps)
         for step in bar:
             t0 = time.perf_counter()
-            row = {"step": step, **self.step(step), **nan_eval}
+            with self.precision():
+                row = {"step": step, **self.step(step), **nan_eval}
             if (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
                 t_eval = time.perf_counter()
-                row.update(self.eval_columns(self.evaluate()), time_eval=time.perf_counter() - t_eval)
+                with self.precision():
+                    scores = self.evaluate()
+                row.update(self.eval_columns(scores), time_eval=time.perf_counter() - t_eval)
             row["time_step"] = time.perf_counter() - t0
             self.rows.append(row)
             bar.set_postfix({self.postfix_key: f"{row.get(self.postfix_key, math.nan):.3f}",
@@ -225,6 +284,7 @@ class Run:
             "seconds_per_step": float(metrics["time_step"].median()) if "time_step" in metrics else None,
             "wall_seconds_this_call": time.perf_counter() - started,
             "base_model": {k: v for k, v in self.base_info.items() if k in BASE_INFO_KEYS},
+            **({"task_data": self.task.info()} if hasattr(getattr(self, "task", None), "info") else {}),
             "config": c.to_dict(),
             "environment": environment_snapshot(),
         }
