@@ -10,7 +10,7 @@ a figure cannot drift from the code it describes:
 - ``{preset-diff} NAME``: what NAME changes against its parent, field by field.
 - ``{preset-settings} NAME``: the paper's hyper-parameters beside the suite's defaults for NAME.
 - ``{xxpo-figure} KEY``: a matplotlib figure drawn now (``family-map``, ``ppo-clip``, ``kl-estimators``,
-  ``ratio-spread``), inlined as SVG, numbered and captioned like a ``{figure}``.
+  ``ratio-spread``, ``gradient-weights``), inlined as SVG, numbered and captioned like a ``{figure}``.
 - ``{api-summary} MODULE``: every public name of MODULE (its ``__all__``) with its signature and the
   first line of its docstring.
 - ``{claims-ledger}``: every claim of ``xxpo.verdicts.CLAIMS`` with the verdicts that the committed
@@ -375,11 +375,73 @@ def figure_ratio_spread(plt):
     return fig
 
 
+def gradient_weights(r, advantage: float, n_tokens: int = 4) -> dict:
+    """Per-token gradient coefficient c(r) of PPO/GRPO's clip, CISPO, GMPO and SAPO, by autograd.
+
+    Each row of the batch is one response of ``n_tokens`` tokens whose first token has ratio ``r`` (old
+    log-prob 0, new log-prob log r) and whose other tokens are on-policy (ratio 1). The objective J = -loss of
+    each function is differentiated with respect to the first token's log-prob; the result, scaled by the
+    aggregation's normalizer (B rows times ``n_tokens``) and divided by A, is c(r) in
+    dJ/d log pi = c(r) A / (B n): the weight the objective puts on that token's grad log pi, 1 on-policy for
+    every method. For the plain importance-sampled surrogate r A it is r.
+    """
+    import torch
+
+    from xxpo.objectives import cispo_loss, gmpo_loss, grpo_loss, sapo_loss
+
+    r = torch.as_tensor(r, dtype=torch.float64)  # (N,)
+    b = r.shape[0]
+    old = torch.zeros(b, n_tokens, dtype=torch.float64)  # (N, n)
+    mask = torch.ones(b, n_tokens)
+    adv = torch.full((b,), float(advantage), dtype=torch.float64)  # (N,): one advantage per response
+    losses = {
+        "PPO / GRPO clip (eps = 0.2)": lambda lp: grpo_loss(lp, old, adv, mask, clip_eps_low=0.2, clip_eps_high=0.2).loss,
+        "CISPO (weight cap 1 + 4 = 5)": lambda lp: cispo_loss(lp, old, adv, mask, clip_eps_high=4.0).loss,
+        "GMPO (log r in [-0.4, 0.4], 4 tokens)": lambda lp: gmpo_loss(lp, old, adv, mask, clip_eps_low=0.4).loss,
+        "SAPO (tau+ = 1, tau- = 1.05)": lambda lp: sapo_loss(lp, old, adv, mask).loss,
+    }
+    out = {}
+    for name, loss_fn in losses.items():
+        logp = old.clone()
+        logp[:, 0] = torch.log(r)
+        logp.requires_grad_(True)
+        (grad,) = torch.autograd.grad(-loss_fn(logp), logp)  # (N, n): dJ / d log pi
+        out[name] = (grad[:, 0] * b * n_tokens / advantage).detach()  # (N,): c(r)
+    return out
+
+
+def figure_gradient_weights(plt):
+    """The per-token gradient coefficient c(r) of ``gradient_weights`` for A > 0 and A < 0."""
+    import torch
+
+    r = torch.linspace(0.02, 6.0, 599, dtype=torch.float64)
+    styles = {"PPO / GRPO clip": ("#2b6cb0", "-", 2.4), "CISPO": ("#c05621", "-", 2.0),
+              "GMPO": ("#2f855a", "-", 2.0), "SAPO": ("#6b46c1", "--", 1.8)}
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4), sharey=True)
+    for ax, a in zip(axes, (1.0, -1.0)):
+        ax.plot(r.numpy(), r.numpy(), color="#999999", ls=":", lw=1.2, label="unclipped $rA$: $c = r$")
+        for name, c in gradient_weights(r, a).items():
+            color, ls, lw = next(v for k, v in styles.items() if name.startswith(k))
+            ax.plot(r.numpy(), c.numpy(), color=color, ls=ls, lw=lw, label=name)
+        ax.axvline(1.0, color="#000000", lw=0.6)
+        ax.set_title(f"A = {a:+g}", fontsize=11)
+        ax.set_xlabel("ratio  $r = \\pi_\\theta / \\pi_{old}$ of one token")
+        ax.set_xlim(0, 6)
+        ax.set_ylim(-0.1, 6.1)
+    axes[0].set_ylabel("gradient weight $c(r)$")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, frameon=False, fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
 FIGURES = {
     "family-map": (figure_family_map, ("xxpo/presets.py",)),
     "ppo-clip": (figure_ppo_clip, ("xxpo/objectives/ppo.py",)),
     "kl-estimators": (figure_kl_estimators, ("xxpo/functional/kl.py",)),
     "ratio-spread": (figure_ratio_spread, ()),
+    "gradient-weights": (figure_gradient_weights, ("xxpo/objectives/grpo.py", "xxpo/objectives/cispo.py",
+                                                   "xxpo/objectives/gmpo.py", "xxpo/objectives/sapo.py")),
 }
 
 

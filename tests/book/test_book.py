@@ -164,6 +164,8 @@ def _objective_metric_names() -> set[str]:
     names |= set(O.decoupled_ppo_loss(logp, old, old, adv, mask).metrics)
     names |= set(O.a3po_loss(logp, old, adv, mask, staleness=2).metrics)
     names |= set(O.sppo_seq_loss(logp, old, adv, mask).metrics)
+    names |= set(O.cispo_loss(logp, old, adv, mask).metrics) | set(O.gmpo_loss(logp, old, adv, mask).metrics)
+    names |= set(O.mismatch_weights(old, logp.detach(), mask).metrics)
     names |= set(O.sequence_value_loss(torch.randn(4, generator=g), torch.rand(4, generator=g)).metrics)
     seq = torch.randn(4, generator=g, dtype=torch.float64)
     names |= set(O.dpo_loss(seq, seq - 1, seq * 0, seq * 0).metrics) | set(O.dpo_loss(seq, seq - 1, seq * 0, seq * 0, variant="ipo").metrics)
@@ -208,6 +210,76 @@ def test_every_algorithm_chapter_follows_the_skeleton(page):
     assert "**Previously:**" in text and "{preset-facts}" in text and "{preset-settings}" in text
     assert re.search(r"literalinclude.*\n:pyobject:", text) or ":pyobject:" in text, f"{page}.md quotes no code"
     assert "Key equations" in text, f"{page}.md has no key equations"
+
+
+# The chapter on the family since 2025 has one section per method, each following the skeleton one heading
+# level lower (no experiment or references per method: those are shared at the end of the page).
+FAMILY_SINCE = "family_since"
+FAMILY_SINCE_SECTIONS = {"CISPO": "cispo", "GMPO": "gmpo", "Sampler-trainer mismatch": None, "RLOO": "rloo",
+                         "REINFORCE++": "reinforce_pp"}
+METHOD_SKELETON = ("Motivation", "Derivation", "Key equations", "What changes against", "Pseudocode", "Implementation",
+                   "Deviations from the paper", "The paper", "Logged metrics", "Pitfalls", "Exercises")
+
+
+def method_sections(text: str) -> dict[str, str]:
+    """The text of every ``## `` section of a page, keyed by its heading."""
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    return {parts[i].strip(): parts[i + 1] for i in range(1, len(parts), 2)}
+
+
+@pytest.mark.parametrize("heading, method", list(FAMILY_SINCE_SECTIONS.items()))
+def test_family_since_sections_follow_the_skeleton(heading, method):
+    text = (BOOK / f"{FAMILY_SINCE}.md").read_text()
+    sections = method_sections(text)
+    (body,) = [b for h, b in sections.items() if h.startswith(heading)]
+    headings = re.findall(r"^### (.+)$", body, re.M)
+    positions = []
+    for part in METHOD_SKELETON:
+        found = [i for i, h in enumerate(headings) if h.startswith(part)]
+        assert found, f"{FAMILY_SINCE}.md, section {heading!r}: no subsection {part!r}"
+        positions.append(found[0])
+    assert positions == sorted(positions), f"{FAMILY_SINCE}.md, section {heading!r}: out of order: {headings}"
+    assert ":pyobject:" in body and re.search(r"^\$\$ \(eq-", body, re.M), heading
+    if method is not None:
+        for directive in ("preset-facts", "preset-diff", "preset-settings"):
+            assert directives(body, directive) == [(method, {})], (heading, directive)
+    assert "**Previously:**" in text
+    for shared in ("Experiment", "References and other implementations"):
+        assert any(h.startswith(shared) for h in sections), shared
+
+
+def test_family_since_metrics_exist():
+    """Every metric named in the chapter's 'Logged metrics' subsections is returned by an objective."""
+    names = _objective_metric_names()
+    text = (BOOK / f"{FAMILY_SINCE}.md").read_text()
+    blocks = re.findall(r"^### Logged metrics\n(.*?)(?=^#{2,3} )", text, re.M | re.S)
+    assert len(blocks) == len(FAMILY_SINCE_SECTIONS)
+    checked = 0
+    for block in blocks:
+        for metric in re.findall(r"(?<!})`(\w+)`", block):  # not the target of a role such as {ref}`ppo`
+            if metric == "ppo_loss":
+                continue
+            assert metric in names, f"{FAMILY_SINCE}.md: {metric!r} is not a metric of any objective"
+            checked += 1
+    assert checked >= 20
+
+
+def test_gradient_weight_figure_is_the_objectives_gradient():
+    """The figure's curves, computed by autograd from the objectives, are the closed forms of the chapter."""
+    ext = book_extension()
+    r = torch.tensor([0.3, 0.7, 0.9, 1.0, 1.1, 1.3, 1.45, 1.6, 2.0, 4.0, 5.5], dtype=torch.float64)
+    for a in (1.0, -1.0):
+        c = {name.split(" (")[0]: v for name, v in ext.gradient_weights(r, a).items()}
+        kept = (r <= 1.2) if a > 0 else (r >= 0.8)
+        assert torch.allclose(c["PPO / GRPO clip"], torch.where(kept, r, torch.zeros_like(r)), atol=1e-12)
+        assert torch.allclose(c["CISPO"], r.clamp(max=5.0), atol=1e-12)
+        log_r = r.log()
+        kept_g = (log_r <= 0.4) if a > 0 else (log_r >= -0.4)
+        assert torch.allclose(c["GMPO"], torch.where(kept_g, r ** 0.25, torch.zeros_like(r)), atol=1e-12)
+        tau = 1.0 if a > 0 else 1.05
+        assert torch.allclose(c["SAPO"], r / torch.cosh(tau * (r - 1) / 2) ** 2, atol=1e-12)
+    assert "gradient-weights" in ext.FIGURES
+    assert directives((BOOK / f"{FAMILY_SINCE}.md").read_text(), "xxpo-figure")[0][0] == "gradient-weights"
 
 
 def test_documented_metrics_exist():
@@ -339,7 +411,8 @@ def test_preset_diff_marks_exactly_the_changed_fields(html_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page, method", [(page, page) for page in ALGORITHM_CHAPTERS])
+@pytest.mark.parametrize("page, method", [(page, page) for page in ALGORITHM_CHAPTERS]
+                         + [(FAMILY_SINCE, m) for m in FAMILY_SINCE_SECTIONS.values() if m is not None])
 def test_preset_settings_show_preset_and_trainconfig(html_dir, page, method):
     from xxpo.presets import PRESETS
     from xxpo.train.config import TrainConfig
@@ -445,7 +518,7 @@ def chromium_args(chromium: str, user_data_dir: Path) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.browser
-@pytest.mark.parametrize("page", ["foundations", "notation", *ALGORITHM_CHAPTERS])
+@pytest.mark.parametrize("page", ["foundations", "notation", *ALGORITHM_CHAPTERS, FAMILY_SINCE])
 def test_mathjax_renders_in_chromium(html_dir, chromium, tmp_path, page):
     url = (html_dir / "book" / f"{page}.html").as_uri()
     proc = subprocess.run(
@@ -507,7 +580,7 @@ window.addEventListener('load', function () {
 # Chapters whose displayed equations still overflow the column at 1280 px (measured when the test was widened
 # to every chapter): dr_grpo, dapo, sapo, decoupled_ppo, a3po, dpo, sppo_selfplay, sppo_seq. They join this
 # list when their long equations are split; until then the test would only restate a known defect.
-COLUMN_FIT_PAGES = ("foundations", "notation", "family", "trpo", "ppo", "grpo", "gspo")
+COLUMN_FIT_PAGES = ("foundations", "notation", "family", "trpo", "ppo", "grpo", "gspo", "family_since")
 
 
 @pytest.mark.slow
