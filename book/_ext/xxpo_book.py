@@ -631,10 +631,24 @@ def check_text(check: dict | None, verdict: dict) -> str:
     return f"re-run with seeds {seeds}: {other['outcome']}, {same}; {measured_text(other)}{stale}"
 
 
+def robust_outcome(check: dict | None, verdict: dict) -> tuple[str, str]:
+    """(outcome, reason) the ledger states: the record's verdict if the re-run with other seeds decided the
+    same (or there is no re-run, which a test forbids for committed records); "inconclusive" if the two
+    seed sets disagree, since the difference is then of the size of the seed-to-seed noise."""
+    other = (check or {}).get("verdicts", {}).get(verdict["claim"]["id"])
+    if other is None or other["outcome"] == verdict["outcome"]:
+        return verdict["outcome"], verdict["reason"]
+    seeds = ", ".join(map(str, check["seeds"]))
+    return "inconclusive", (f"{verdict['outcome']} on the reported seeds but {other['outcome']} on seeds {seeds}, "
+                            f"so not robust to the seeds ({verdict['reason']})")
+
+
 def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
     """One row per registered claim, followed by one row per verdict of it (from any notebook).
 
-    A claim row's ``verdict`` is "not yet tested" or the count of its verdicts' outcomes. Raises
+    A claim row's ``verdict`` is "not yet tested" or the count of its verdicts' outcomes, each as
+    :func:`robust_outcome` states it (a verdict its re-run with other seeds contradicts counts as
+    inconclusive). Raises
     ``ValueError`` for a verdict whose claim family is not registered, so the ledger cannot drift.
     """
     from xxpo.verdicts import Rules, claim_family, measured_text
@@ -651,7 +665,7 @@ def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
     rows = []
     for cid, claim in claims.items():
         found = sorted(tested[cid], key=lambda rv: (rv[1]["claim"]["id"], rv[0]["docname"]))
-        outcomes = [v["outcome"] for _, v in found]
+        outcomes = [robust_outcome(record.get("check"), v)[0] for record, v in found]
         tally = ", ".join(f"{outcomes.count(o)} {o}" for o in ("reproduced", "not reproduced", "inconclusive")
                           if outcomes.count(o))
         rows.append({"claim": cid, "statement": claim.statement, "source": claim.source, "notebook": None,
@@ -661,9 +675,10 @@ def ledger_rows(records: list[dict], claims: dict) -> list[dict]:
             note = "; ".join(x for x in ("stale record: its code changed after the run" if record["stale"] else "",
                                          f"profile {record['profile']}" if record["profile"] != "full" else "",
                                          f"rules: {changed}" if changed else "") if x)
+            outcome, reason = robust_outcome(record.get("check"), v)
             rows.append({"claim": v["claim"]["id"], "statement": v["claim"]["statement"],
                          "source": v["claim"]["source"], "notebook": record["docname"], "note": note,
-                         "measured": measured_text(v), "verdict": v["outcome"], "reason": v["reason"],
+                         "measured": measured_text(v), "verdict": outcome, "reason": reason,
                          "check": check_text(record.get("check"), v)})
     return rows
 

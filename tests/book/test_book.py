@@ -19,6 +19,9 @@ import pytest
 import torch
 import yaml
 
+# One xdist worker runs every book test, so the session's book build happens once.
+pytestmark = pytest.mark.xdist_group("book")
+
 REPO = Path(__file__).resolve().parents[2]
 BOOK = REPO / "book"
 PAGES = sorted(BOOK.glob("*.md"))
@@ -577,10 +580,8 @@ window.addEventListener('load', function () {
 </script>"""
 
 
-# Chapters whose displayed equations still overflow the column at 1280 px (measured when the test was widened
-# to every chapter): dr_grpo, dapo, sapo, decoupled_ppo, a3po, dpo, sppo_selfplay, sppo_seq. They join this
-# list when their long equations are split; until then the test would only restate a known defect.
-COLUMN_FIT_PAGES = ("foundations", "notation", "family", "trpo", "ppo", "grpo", "gspo", "family_since")
+# Every chapter of the book, and the frame pages with equations or tables.
+COLUMN_FIT_PAGES = ("foundations", "notation", "family", *ALGORITHM_CHAPTERS, "family_since")
 
 
 @pytest.mark.slow
@@ -640,7 +641,7 @@ def test_ledger_rows_list_every_claim_and_each_notebook_verdict():
     family_rows = [r for r in rows if r["notebook"] is None]
     assert [r["claim"] for r in family_rows] == list(CLAIMS)
     by_id = {r["claim"]: r for r in family_rows}
-    assert by_id["C6"]["verdict"] == "1 reproduced"
+    assert by_id["C6"]["verdict"] == "1 reproduced" and by_id["C6"]["check"] == ""
     assert all(by_id[c]["verdict"] == "not yet tested" for c in CLAIMS if c != "C6")
     (row,) = [r for r in rows if r["notebook"] is not None]
     assert rows.index(row) == rows.index(by_id["C6"]) + 1  # under its family claim
@@ -652,6 +653,32 @@ def test_ledger_rows_list_every_claim_and_each_notebook_verdict():
     verdict["claim"]["id"] = "C99a"
     with pytest.raises(ValueError, match="notebooks/01_x.*C99"):
         ext.ledger_rows([{**records[0], "verdicts": [verdict]}], CLAIMS)
+
+
+def test_ledger_rows_show_each_verdict_beside_its_re_run_with_other_seeds():
+    from xxpo.verdicts import CLAIMS
+
+    ext = book_extension()
+    verdict = synthetic_verdict()
+    other = {**synthetic_verdict(), "outcome": "inconclusive"}
+    base = {"docname": "notebooks/01_x", "profile": "full", "stale": False, "verdicts": [verdict]}
+
+    def row_of(check):
+        rows = ext.ledger_rows([{**base, "check": check}], CLAIMS)
+        return next(r for r in rows if r["notebook"] is not None)
+
+    same = row_of({"seeds": [5, 6], "stale": False, "verdicts": {"C6b": verdict}})
+    assert same["check"].startswith("re-run with seeds 5, 6: reproduced, same verdict; GSPO - GRPO = +0.050")
+    assert same["verdict"] == "reproduced" and same["reason"] == verdict["reason"]
+    differs = row_of({"seeds": [5, 6], "stale": True, "verdicts": {"C6b": other}})
+    assert "inconclusive, a different verdict" in differs["check"] and "stale" in differs["check"]
+    # two seed sets that disagree make the stated verdict inconclusive, in the claim's row and in the tally
+    assert differs["verdict"] == "inconclusive" and "not robust to the seeds" in differs["reason"]
+    rows = ext.ledger_rows([{**base, "check": {"seeds": [5, 6], "stale": False, "verdicts": {"C6b": other}}}], CLAIMS)
+    assert next(r for r in rows if r["claim"] == "C6")["verdict"] == "1 inconclusive"
+    assert "decided nothing" in row_of({"seeds": [5, 6], "stale": False, "verdicts": {}})["check"]
+    assert row_of({"seeds": [], "stale": True, "verdicts": {}})["check"] == "not re-run with other seeds"
+    assert row_of(None)["check"] == "not re-run with other seeds"
 
 
 def test_ledger_page_follows_the_claims_marker_in_the_toc():
@@ -673,9 +700,13 @@ def test_ledger_page_lists_every_claim_and_the_committed_verdicts(html_dir):
     for cid, claim in CLAIMS.items():
         assert cid in shown, f"{cid} missing from the ledger"
         assert claim.statement in shown[cid][1] and claim.source in shown[cid][1]
-    committed = [v for p in notebooks() for v in nbformat.read(p, as_version=4).metadata.get("xxpo", {}).get("verdicts", [])]
-    for v in committed:
-        assert v["claim"]["id"] in shown and shown[v["claim"]["id"]][4].startswith(v["outcome"])
+    ext = book_extension()
+    committed = []
+    for record in ext.notebook_records(notebooks()):
+        for v in record["verdicts"]:
+            committed.append(v)
+            assert v["claim"]["id"] in shown
+            assert shown[v["claim"]["id"]][4].startswith(ext.robust_outcome(record["check"], v)[0])
     untested = {cid for cid in CLAIMS} - {v["claim"]["id"].rstrip("abcdefghijklmnopqrstuvwxyz") for v in committed}
     assert all(shown[cid][4] == "not yet tested" for cid in untested)
     text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", (html_dir / "book" / "claims.html").read_text())).split())
