@@ -330,17 +330,23 @@ def test_empty_row_normalisation_differs_by_row_count(loss_type):
     assert abs(ours_v - trl_v * b / nonempty) < 1e-6 * abs(ours_v)  # float32 SAPO temperatures in TRL
 
 
-def test_dr_grpo_constant_factor_against_verl():
-    """xxpo (= TRL) divides by B * norm_len; verl's seq-mean-token-sum-norm divides by the padded width T."""
+def test_dr_grpo_normalizer_against_verl():
+    """xxpo (= TRL) divides by B * norm_len; verl 0.9.1's seq-mean-token-sum-norm divides by the number of
+    non-empty responses times loss_scale_factor: equal without empty responses, B / B_nonempty apart with one."""
+    from verl.trainer.ppo.core_algos import agg_loss
+
     logp, old, adv, mask, _ = _batch(13)
     b, t = mask.shape
-    ours = O.dr_grpo_loss(logp, old, adv, mask, norm_len=t).loss.item()
-    r = (logp.detach() - old).exp()
-    a = adv[:, None]
-    masked_sum = (-torch.minimum(r * a, r.clamp(0.8, 1.2) * a) * mask).sum().item()
-    verl = masked_sum / t  # verl: loss_scale_factor defaults to the padded width, no 1/B
-    assert abs(ours - masked_sum / (b * t)) < 1e-12
-    assert abs(verl / ours - b) < 1e-9
+    for rows in (mask, torch.cat([mask[:-1], torch.zeros_like(mask[-1:])])):  # then the last response empty
+        ours = O.dr_grpo_loss(logp, old, adv, rows, norm_len=t).loss
+        r = (logp.detach() - old).exp()
+        a = adv[:, None]
+        loss_mat = -torch.minimum(r * a, r.clamp(0.8, 1.2) * a)
+        verl = agg_loss(loss_mat, rows, "seq-mean-token-sum-norm", loss_scale_factor=t)
+        nonempty = int((rows.sum(-1) > 0).sum())
+        assert abs(ours.item() - (loss_mat * rows).sum().item() / (b * t)) < 1e-12
+        assert abs(verl.item() * nonempty / b - ours.item()) < 1e-9
+    assert nonempty == b - 1
 
 
 def test_trl_cispo_case_exercises_the_cap():

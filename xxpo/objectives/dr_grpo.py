@@ -7,9 +7,10 @@ The paper removes GRPO's two biases (Sec. 3.1, Fig. 1):
    generation budget ``generate_max_length``);
 2. the division by the group std of rewards; use ``group_advantages(..., adv_norm="none")`` for A.
 
-Deviations: none. Peers differ by a constant: TRL's ``dr_grpo`` divides by B * max_completion_length
-(as here); verl's ``seq-mean-token-sum-norm`` divides by ``loss_scale_factor`` only (no 1/B), which
-defaults to the batch's padded width, a data-dependent constant.
+Deviations: none. TRL's ``dr_grpo`` divides by B * max_completion_length (as here); verl 0.9.1's
+``seq-mean-token-sum-norm`` divides by the number of non-empty responses times ``loss_scale_factor``,
+which defaults to the batch's padded width (a data-dependent constant): the same as here when the factor is
+set to norm_len and no response is empty.
 """
 
 from __future__ import annotations
