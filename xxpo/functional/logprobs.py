@@ -51,3 +51,167 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.T
     if not pieces:
         return flat.new_zeros(logits.shape[:-1], dtype=out_dtype)
     return torch.cat(pieces).reshape(logits.shape[:-1])
+
+
+# --------------------------------------------------------------------------------------------------
+# From hidden states: the LM head, temperature, log-softmax, gather and entropy, one chunk of rows at a time
+# --------------------------------------------------------------------------------------------------
+
+CHUNK_ELEMENTS = 2**23
+"""Default logits per chunk of :func:`logprobs_from_hidden`: ``chunk_rows = max(1, CHUNK_ELEMENTS // V)``
+(55 rows at V = 151,936; 32 MB of float32 logits per chunk)."""
+
+
+def _math_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """float64 for float64 hidden states (gradcheck), else float32: log-softmax never runs in half precision."""
+    return torch.float64 if hidden.dtype == torch.float64 else torch.float32
+
+
+class _HiddenLogprobs(torch.autograd.Function):
+    """log softmax((h W^T + b) / temperature)[target] and its entropy, chunk by chunk of rows.
+
+    Forward: for each chunk of ``n`` rows, the ``(n, V)`` logits in the matmul dtype (the autocast dtype
+    under autocast, else the common dtype of ``h`` and ``W``), cast to float32, divided by the
+    temperature; keep only ``logsumexp`` (and the entropy) per row. Backward: recompute each chunk's
+    logits and form the gradient with respect to the scaled logits z = logits / temperature,
+
+        d logp / dz_j   = 1[j = target] - p_j
+        d entropy / dz_j = -p_j (log p_j + entropy)
+
+    then ``grad_h = (g / temperature) W`` for the chunk and ``grad_W += (g / temperature)^T h`` (float32
+    accumulation). At most one chunk of logits and its gradient exist at a time, never ``(N, V)``.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, with_entropy):
+        ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            mm_dtype = torch.get_autocast_dtype(device_type)
+        else:
+            mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        math_dtype = _math_dtype(hidden)
+        n_rows = hidden.shape[0]
+        logz = hidden.new_empty(n_rows, dtype=math_dtype)  # (N,)
+        logp = hidden.new_empty(n_rows, dtype=math_dtype)  # (N,)
+        entropy = hidden.new_empty(n_rows, dtype=math_dtype) if with_entropy else None  # (N,)
+        with torch.autocast(device_type, enabled=False):
+            w = weight.to(mm_dtype)  # (V, H)
+            b = None if bias is None else bias.to(mm_dtype)  # (V,)
+            for start in range(0, n_rows, chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                z = _chunk_logits(hidden[rows], w, b, temperature, math_dtype)  # (n, V)
+                logz[rows] = torch.logsumexp(z, dim=-1)
+                logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - logz[rows]
+                if with_entropy:  # H = logsumexp(z) - sum_j p_j z_j
+                    p = z.sub(logz[rows].unsqueeze(-1)).exp_()  # (n, V)
+                    entropy[rows] = logz[rows] - p.mul_(z).sum(-1)
+        ctx.save_for_backward(hidden, weight, bias, targets, logz, entropy)
+        ctx.temperature, ctx.chunk_rows, ctx.mm_dtype = temperature, chunk_rows, mm_dtype
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, targets, logz, entropy = ctx.saved_tensors
+        temperature, chunk_rows, mm_dtype = ctx.temperature, ctx.chunk_rows, ctx.mm_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return None, None, None, None, None, None, None
+        math_dtype = logz.dtype
+        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        grad_w = torch.zeros(weight.shape, dtype=math_dtype, device=weight.device) if need_w else None  # (V, H)
+        grad_b = torch.zeros(bias.shape, dtype=math_dtype, device=bias.device) if need_b else None  # (V,)
+        with torch.autocast(hidden.device.type, enabled=False):
+            w = weight.to(mm_dtype)  # (V, H)
+            b = None if bias is None else bias.to(mm_dtype)
+            for start in range(0, hidden.shape[0], chunk_rows):
+                rows = slice(start, start + chunk_rows)
+                h = hidden[rows]  # (n, H)
+                z = _chunk_logits(h, w, b, temperature, math_dtype)  # (n, V), recomputed
+                log_probs = z.sub_(logz[rows].unsqueeze(-1))  # (n, V) in place: log p_j
+                p = log_probs.exp()  # (n, V)
+                if grad_entropy is not None:  # g_H * (-p_j (log p_j + H)), built in log_probs' memory
+                    g = log_probs.add_(entropy[rows].unsqueeze(-1)).mul_(p).mul_(-grad_entropy[rows].unsqueeze(-1))
+                    if grad_logp is not None:
+                        g.addcmul_(p, grad_logp[rows].unsqueeze(-1), value=-1.0)
+                else:
+                    del log_probs
+                    g = p.mul_(-grad_logp[rows].unsqueeze(-1))
+                del p
+                if grad_logp is not None:  # + g_logp at the target
+                    g.scatter_add_(-1, targets[rows].unsqueeze(-1), grad_logp[rows].unsqueeze(-1).to(g.dtype))
+                if temperature != 1.0:
+                    g.div_(temperature)  # (n, V) gradient with respect to the raw logits
+                if need_h:
+                    grad_h[rows] = (g.to(mm_dtype) @ w).to(hidden.dtype)
+                if need_w:
+                    grad_w.addmm_(g.t(), h.to(math_dtype))
+                if need_b:
+                    grad_b += g.sum(0)
+        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+
+
+def _chunk_logits(h, w, b, temperature, math_dtype):
+    """(h W^T + b) / temperature for one chunk of rows, in ``math_dtype``: ``(n, V)``."""
+    z = h.to(w.dtype) @ w.t() if b is None else torch.addmm(b, h.to(w.dtype), w.t())  # (n, V)
+    z = z.to(math_dtype)
+    return z if temperature == 1.0 else z.div_(temperature)
+
+
+def logprobs_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+    with_entropy: bool = False,
+    chunk_rows: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log softmax((hidden W^T + b) / temperature)[target] without ever building the ``(..., V)`` logits.
+
+    ``hidden`` ``(..., H)``: final hidden states (after the model's last norm); ``weight`` ``(V, H)`` and
+    ``bias`` ``(V,)`` the LM head's; ``targets`` ``(...)`` integer token ids. Returns per-row log-probs
+    ``(...)`` (and with ``with_entropy=True`` the entropy of the tempered distribution, ``(...)``) in
+    float32 whatever the dtype of ``hidden`` (float64 for float64 input). ``mask`` ``(...)``: rows with
+    mask 0 are not computed and give 0 (no gradient). ``chunk_rows``: rows per chunk (default
+    ``max(1, CHUNK_ELEMENTS // V)``). Memory beyond inputs and gradients: about three ``chunk_rows x V``
+    float32 buffers. Time: one extra ``h W^T`` product (the backward recomputes each chunk's logits).
+    Gradients flow to ``hidden``, ``weight`` and ``bias``; they equal those of the naive
+    ``log_softmax(linear(hidden, weight, bias).float() / temperature).gather(...)`` up to float rounding.
+    """
+    check_tensor("hidden", hidden, ndim=range(2, 5), finite=False)  # a finiteness scan of W would cost a pass
+    check_tensor("weight", weight, ndim=2, finite=False)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[-1]}), got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        raise ValueError(f"bias must be a tensor of shape ({weight.shape[0]},)")
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError("targets must be an integer (int64 or int32) tensor")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    check_number("chunk_rows", chunk_rows, low=1)
+    shape = targets.shape
+    flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()  # (N, H), (N,)
+    keep = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.shape != shape:
+            raise ValueError(f"mask must be a tensor of shape {tuple(shape)}")
+        keep = mask.reshape(-1) != 0  # (N,)
+        flat_h, flat_t = flat_h[keep], flat_t[keep]  # (n_real, H), (n_real,): padding costs nothing
+    logp, entropy = _HiddenLogprobs.apply(flat_h, weight, bias, flat_t, float(temperature), int(chunk_rows),
+                                          with_entropy)
+
+    def unflatten(x):
+        if keep is None:
+            return x.reshape(shape)
+        return x.new_zeros(shape).masked_scatter(keep.reshape(shape), x)  # (...) 0 on masked rows
+
+    if not with_entropy:
+        return unflatten(logp)
+    return unflatten(logp), unflatten(entropy)
