@@ -89,7 +89,8 @@ def test_forced_chunking_gives_the_same_logprobs_entropy_and_gradients(dense, to
     torch.testing.assert_close(chunk_ent, full_ent, rtol=0, atol=1e-5)
     assert (chunk_logp[r.response_mask == 0] == 0).all() and (chunk_ent[r.response_mask == 0] == 0).all()
     for name in full_grads:
-        torch.testing.assert_close(chunk_grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+        err = (chunk_grads[name] - full_grads[name]).abs().max()
+        assert err <= 1e-4 * full_grads[name].abs().max() + 1e-6, (name, float(err))
 
 
 def test_routing_replay_works_on_the_chunked_path(moe, tok):

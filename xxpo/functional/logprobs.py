@@ -67,19 +67,31 @@ def _math_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
+BACKWARD_TILE_ROWS = 1024
+"""Rows per tile of the backward pass (see :class:`_HiddenLogprobs`)."""
+
+
 class _HiddenLogprobs(torch.autograd.Function):
     """log softmax((h W^T + b) / temperature)[target] and its entropy, chunk by chunk of rows.
 
     Forward: for each chunk of ``n`` rows, the ``(n, V)`` logits in the matmul dtype (the autocast dtype
     under autocast, else the common dtype of ``h`` and ``W``), cast to float32, divided by the
-    temperature; keep only ``logsumexp`` (and the entropy) per row. Backward: recompute each chunk's
-    logits and form the gradient with respect to the scaled logits z = logits / temperature,
+    temperature; keep only ``logsumexp`` (and the entropy) per row.
 
-        d logp / dz_j   = 1[j = target] - p_j
+    Backward: recompute the logits and form the gradient with respect to the scaled logits
+    z = logits / temperature,
+
+        d logp / dz_j    = 1[j = target] - p_j
         d entropy / dz_j = -p_j (log p_j + entropy)
 
-    then ``grad_h = (g / temperature) W`` for the chunk and ``grad_W += (g / temperature)^T h`` (float32
-    accumulation). At most one chunk of logits and its gradient exist at a time, never ``(N, V)``.
+    which needs only ``z``, the saved ``logsumexp`` and entropy of each row: so the backward can work on
+    tiles of ``R`` rows x ``Vb`` vocabulary entries of the same size as a forward chunk (``chunk_rows x
+    V`` logits; ``R = max(chunk_rows, BACKWARD_TILE_ROWS)`` rows, at most all of them). Then
+    ``grad_h[rows] += (g / temperature) W[block]`` and ``grad_W[block] += (g / temperature)^T h[rows]``,
+    accumulated in float32: ``grad_W`` is written once per tile of rows instead of once per chunk (at
+    V = 151,936 a chunk has 55 rows, and rewriting the whole ``(V, H)`` gradient after each of them costs
+    more than the product itself). At most one chunk-sized block of logits and its gradient exist at a
+    time, never ``(N, V)``.
     """
 
     @staticmethod
@@ -100,12 +112,14 @@ class _HiddenLogprobs(torch.autograd.Function):
             b = None if bias is None else bias.to(mm_dtype)  # (V,)
             for start in range(0, n_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                z = _chunk_logits(hidden[rows], w, b, temperature, math_dtype)  # (n, V)
-                logz[rows] = torch.logsumexp(z, dim=-1)
+                z = _tile_logits(hidden[rows], w, b, temperature, math_dtype)  # (n, V)
+                top = z.amax(-1, keepdim=True)  # (n, 1)
+                e = (z - top).exp_()  # (n, V) exp(z - max)
+                total = e.sum(-1)  # (n,)
+                logz[rows] = top.squeeze(-1) + total.log()
                 logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - logz[rows]
                 if with_entropy:  # H = logsumexp(z) - sum_j p_j z_j
-                    p = z.sub(logz[rows].unsqueeze(-1)).exp_()  # (n, V)
-                    entropy[rows] = logz[rows] - p.mul_(z).sum(-1)
+                    entropy[rows] = logz[rows] - e.mul_(z).sum(-1) / total
         ctx.save_for_backward(hidden, weight, bias, targets, logz, entropy)
         ctx.temperature, ctx.chunk_rows, ctx.mm_dtype = temperature, chunk_rows, mm_dtype
         return logp, entropy
@@ -118,43 +132,54 @@ class _HiddenLogprobs(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return None, None, None, None, None, None, None
         math_dtype = logz.dtype
-        grad_h = torch.empty_like(hidden) if need_h else None  # (N, H)
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
+        tile_rows = min(n_rows, max(chunk_rows, BACKWARD_TILE_ROWS))
+        block = max(1, chunk_rows * vocab // max(tile_rows, 1))  # vocabulary entries per tile
+        grad_h = torch.zeros(hidden.shape, dtype=math_dtype, device=hidden.device) if need_h else None  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=math_dtype, device=weight.device) if need_w else None  # (V, H)
         grad_b = torch.zeros(bias.shape, dtype=math_dtype, device=bias.device) if need_b else None  # (V,)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(mm_dtype)  # (V, H)
             b = None if bias is None else bias.to(mm_dtype)
-            for start in range(0, hidden.shape[0], chunk_rows):
-                rows = slice(start, start + chunk_rows)
+            for start in range(0, n_rows, tile_rows):
+                rows = slice(start, start + tile_rows)
                 h = hidden[rows]  # (n, H)
-                z = _chunk_logits(h, w, b, temperature, math_dtype)  # (n, V), recomputed
-                log_probs = z.sub_(logz[rows].unsqueeze(-1))  # (n, V) in place: log p_j
-                p = log_probs.exp()  # (n, V)
-                if grad_entropy is not None:  # g_H * (-p_j (log p_j + H)), built in log_probs' memory
-                    g = log_probs.add_(entropy[rows].unsqueeze(-1)).mul_(p).mul_(-grad_entropy[rows].unsqueeze(-1))
-                    if grad_logp is not None:
-                        g.addcmul_(p, grad_logp[rows].unsqueeze(-1), value=-1.0)
-                else:
-                    del log_probs
-                    g = p.mul_(-grad_logp[rows].unsqueeze(-1))
-                del p
-                if grad_logp is not None:  # + g_logp at the target
-                    g.scatter_add_(-1, targets[rows].unsqueeze(-1), grad_logp[rows].unsqueeze(-1).to(g.dtype))
-                if temperature != 1.0:
-                    g.div_(temperature)  # (n, V) gradient with respect to the raw logits
-                if need_h:
-                    grad_h[rows] = (g.to(mm_dtype) @ w).to(hidden.dtype)
-                if need_w:
-                    grad_w.addmm_(g.t(), h.to(math_dtype))
-                if need_b:
-                    grad_b += g.sum(0)
-        return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
+                h_math = h.to(math_dtype)
+                local_targets = targets[rows]  # (n,)
+                g_logp = None if grad_logp is None else grad_logp[rows].to(math_dtype).unsqueeze(-1)  # (n, 1)
+                g_ent = None if grad_entropy is None else grad_entropy[rows].to(math_dtype).unsqueeze(-1)  # (n, 1)
+                for v0 in range(0, vocab, block):
+                    cols = slice(v0, v0 + block)
+                    z = _tile_logits(h, w[cols], None if b is None else b[cols], temperature, math_dtype)  # (n, vb)
+                    log_probs = z.sub_(logz[rows].unsqueeze(-1))  # (n, vb) in place: log p_j
+                    p = log_probs.exp()  # (n, vb)
+                    if g_ent is not None:  # g_H * (-p_j (log p_j + H)), built in log_probs' memory
+                        g = log_probs.add_(entropy[rows].unsqueeze(-1)).mul_(p).mul_(-g_ent)
+                        if g_logp is not None:
+                            g.addcmul_(p, g_logp, value=-1.0)
+                    else:
+                        del log_probs
+                        g = p.mul_(-g_logp)
+                    del p
+                    if g_logp is not None:  # + g_logp at the target, for the targets inside this block
+                        local = local_targets - v0  # (n,)
+                        inside = ((local >= 0) & (local < g.shape[1])).nonzero().squeeze(-1)  # (k,)
+                        g[inside, local[inside]] += g_logp[inside, 0]
+                    if temperature != 1.0:
+                        g.div_(temperature)  # (n, vb) gradient with respect to the raw logits
+                    if need_h:
+                        grad_h[rows] += g.to(mm_dtype) @ w[cols]
+                    if need_w:
+                        grad_w[cols].addmm_(g.t(), h_math)
+                    if need_b:
+                        grad_b[cols] += g.sum(0)
+        return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
 
 
-def _chunk_logits(h, w, b, temperature, math_dtype):
-    """(h W^T + b) / temperature for one chunk of rows, in ``math_dtype``: ``(n, V)``."""
-    z = h.to(w.dtype) @ w.t() if b is None else torch.addmm(b, h.to(w.dtype), w.t())  # (n, V)
+def _tile_logits(h, w, b, temperature, math_dtype):
+    """(h W^T + b) / temperature for a tile of rows and vocabulary entries, in ``math_dtype``: ``(n, vb)``."""
+    z = h.to(w.dtype) @ w.t() if b is None else torch.addmm(b, h.to(w.dtype), w.t())  # (n, vb)
     z = z.to(math_dtype)
     return z if temperature == 1.0 else z.div_(temperature)
 
