@@ -32,10 +32,10 @@ def test_gradcheck_float64_logprobs_and_entropy_with_temperature_and_mask(with_b
 
     def both(hidden, weight, bias=None):
         return logprobs_from_hidden(hidden, weight, targets, bias=bias, temperature=0.7, mask=mask,
-                                    with_entropy=True, chunk_rows=3)
+                                    with_entropy=True, chunk_rows=3, vocab_block=2)
 
     def logp_only(hidden, weight, bias=None):
-        return logprobs_from_hidden(hidden, weight, targets, bias=bias, temperature=0.7, mask=mask, chunk_rows=2)
+        return logprobs_from_hidden(hidden, weight, targets, bias=bias, temperature=0.7, mask=mask, chunk_rows=2, vocab_block=3)
 
     def entropy_only(hidden, weight, bias=None):  # the log-prob output gets no gradient
         return both(hidden, weight, bias)[1]
@@ -62,7 +62,8 @@ def test_large_vocabulary_values_and_gradients_equal_the_naive_computation():
     for fn in ("chunked", "naive"):
         hid, wei = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         if fn == "chunked":
-            logp, ent = logprobs_from_hidden(hid, wei, targets, temperature=0.8, mask=mask, with_entropy=True, chunk_rows=7)
+            logp, ent = logprobs_from_hidden(hid, wei, targets, temperature=0.8, mask=mask, with_entropy=True, chunk_rows=7,
+                                            vocab_block=4096)
         else:
             logp, ent = naive(hid, wei, targets, temperature=0.8, mask=mask)
         ((logp * w_logp).sum() + (ent * w_ent).sum()).backward()
@@ -111,6 +112,15 @@ def test_no_full_vocabulary_tensor_is_saved_for_backward():
     assert max(saved) <= v * h and sum(saved) <= n * h + v * h + 4 * n
 
 
+def test_all_rows_masked_gives_zeros_and_zero_gradients():
+    hidden, weight = torch.randn(2, 3, 4, requires_grad=True), torch.randn(9, 4, requires_grad=True)
+    logp, ent = logprobs_from_hidden(hidden, weight, torch.zeros(2, 3, dtype=torch.long), mask=torch.zeros(2, 3),
+                                     with_entropy=True)
+    assert (logp == 0).all() and (ent == 0).all()
+    logp.sum().backward()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
 def test_bad_arguments_raise_naming_them():
     h, w, t = torch.randn(2, 3, 4), torch.randn(5, 4), torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="weight"):
@@ -121,5 +131,7 @@ def test_bad_arguments_raise_naming_them():
         logprobs_from_hidden(h, w, t.float())
     with pytest.raises(ValueError, match="chunk_rows"):
         logprobs_from_hidden(h, w, t, chunk_rows=0)
+    with pytest.raises(ValueError, match="vocab_block"):
+        logprobs_from_hidden(h, w, t, vocab_block=0)
     with pytest.raises(ValueError, match="mask"):
         logprobs_from_hidden(h, w, t, mask=torch.ones(3, 2))

@@ -57,9 +57,11 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 1024) -> torch.T
 # From hidden states: the LM head, temperature, log-softmax, gather and entropy, one chunk of rows at a time
 # --------------------------------------------------------------------------------------------------
 
-CHUNK_ELEMENTS = 2**23
-"""Default logits per chunk of :func:`logprobs_from_hidden`: ``chunk_rows = max(1, CHUNK_ELEMENTS // V)``
-(55 rows at V = 151,936; 32 MB of float32 logits per chunk)."""
+CHUNK_ROWS = 1024
+"""Default rows per chunk of :func:`logprobs_from_hidden` (all rows when there are fewer)."""
+TILE_ELEMENTS = 2**21
+"""Logits per tile of :func:`logprobs_from_hidden`: a chunk of ``chunk_rows`` rows meets the vocabulary in
+blocks of ``max(1, TILE_ELEMENTS // chunk_rows)`` entries (2,048 for 1,024 rows: 8 MB of float32 logits)."""
 
 
 def _math_dtype(hidden: torch.Tensor) -> torch.dtype:
@@ -67,35 +69,32 @@ def _math_dtype(hidden: torch.Tensor) -> torch.dtype:
     return torch.float64 if hidden.dtype == torch.float64 else torch.float32
 
 
-BACKWARD_TILE_ROWS = 1024
-"""Rows per tile of the backward pass (see :class:`_HiddenLogprobs`)."""
-
-
 class _HiddenLogprobs(torch.autograd.Function):
-    """log softmax((h W^T + b) / temperature)[target] and its entropy, chunk by chunk of rows.
+    """log softmax((h W^T + b) / temperature)[target] and its entropy, one chunk of rows at a time.
 
-    Forward: for each chunk of ``n`` rows, the ``(n, V)`` logits in the matmul dtype (the autocast dtype
-    under autocast, else the common dtype of ``h`` and ``W``), cast to float32, divided by the
-    temperature; keep only ``logsumexp`` (and the entropy) per row.
+    The rows are taken ``chunk_rows`` at a time and each chunk meets the vocabulary in blocks of
+    ``block`` entries: a tile of logits is ``(n, vb)``, computed in the matmul dtype (the autocast dtype
+    under autocast, else the common dtype of ``h`` and ``W``), then cast to float32 and divided by the
+    temperature, z = logits / temperature. Large row chunks keep the products efficient (``W`` is read
+    once per chunk), small vocabulary blocks keep the memory small.
 
-    Backward: recompute the logits and form the gradient with respect to the scaled logits
-    z = logits / temperature,
+    Forward: an online logsumexp over the blocks of a chunk (a running max ``m``, ``s = sum exp(z - m)``,
+    and for the entropy ``x = sum exp(z - m) z``, rescaled when ``m`` grows) and the target's logit;
+    ``logp = z_target - logsumexp(z)``, ``entropy = logsumexp(z) - x / s``. Saved for backward: the inputs,
+    ``logsumexp`` and the entropy of each row.
+
+    Backward: recompute each tile's logits and form the gradient with respect to z,
 
         d logp / dz_j    = 1[j = target] - p_j
         d entropy / dz_j = -p_j (log p_j + entropy)
 
-    which needs only ``z``, the saved ``logsumexp`` and entropy of each row: so the backward can work on
-    tiles of ``R`` rows x ``Vb`` vocabulary entries of the same size as a forward chunk (``chunk_rows x
-    V`` logits; ``R = max(chunk_rows, BACKWARD_TILE_ROWS)`` rows, at most all of them). Then
-    ``grad_h[rows] += (g / temperature) W[block]`` and ``grad_W[block] += (g / temperature)^T h[rows]``,
-    accumulated in float32: ``grad_W`` is written once per tile of rows instead of once per chunk (at
-    V = 151,936 a chunk has 55 rows, and rewriting the whole ``(V, H)`` gradient after each of them costs
-    more than the product itself). At most one chunk-sized block of logits and its gradient exist at a
-    time, never ``(N, V)``.
+    which needs only the tile, the row's saved ``logsumexp`` and entropy; then ``grad_h[rows] += (g / T)
+    W[block]`` and ``grad_W[block] += (g / T)^T h[rows]``, accumulated in float32. At most a tile of
+    logits and its gradient exist at a time, never ``(N, V)``.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, with_entropy):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_rows, block, with_entropy):
         ctx.set_materialize_grads(False)  # an entropy used only for logging sends no gradient
         device_type = hidden.device.type
         if torch.is_autocast_enabled(device_type):
@@ -103,7 +102,7 @@ class _HiddenLogprobs(torch.autograd.Function):
         else:
             mm_dtype = torch.promote_types(hidden.dtype, weight.dtype)
         math_dtype = _math_dtype(hidden)
-        n_rows = hidden.shape[0]
+        n_rows, vocab = hidden.shape[0], weight.shape[0]
         logz = hidden.new_empty(n_rows, dtype=math_dtype)  # (N,)
         logp = hidden.new_empty(n_rows, dtype=math_dtype)  # (N,)
         entropy = hidden.new_empty(n_rows, dtype=math_dtype) if with_entropy else None  # (N,)
@@ -112,40 +111,56 @@ class _HiddenLogprobs(torch.autograd.Function):
             b = None if bias is None else bias.to(mm_dtype)  # (V,)
             for start in range(0, n_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                z = _tile_logits(hidden[rows], w, b, temperature, math_dtype)  # (n, V)
-                top = z.amax(-1, keepdim=True)  # (n, 1)
-                e = (z - top).exp_()  # (n, V) exp(z - max)
-                total = e.sum(-1)  # (n,)
-                logz[rows] = top.squeeze(-1) + total.log()
-                logp[rows] = z.gather(-1, targets[rows].unsqueeze(-1)).squeeze(-1) - logz[rows]
-                if with_entropy:  # H = logsumexp(z) - sum_j p_j z_j
-                    entropy[rows] = logz[rows] - e.mul_(z).sum(-1) / total
+                h, y = hidden[rows], targets[rows]  # (n, H), (n,)
+                top = torch.full(y.shape, float("-inf"), dtype=math_dtype, device=h.device)  # (n,) running max
+                total = torch.zeros_like(top)  # (n,) sum exp(z - top)
+                weighted = torch.zeros_like(top)  # (n,) sum exp(z - top) * z
+                picked = torch.zeros_like(top)  # (n,) z at the target
+                for v0 in range(0, vocab, block):
+                    cols = slice(v0, v0 + block)
+                    z = _tile_logits(h, w[cols], None if b is None else b[cols], temperature, math_dtype)  # (n, vb)
+                    new_top = torch.maximum(top, z.amax(-1))  # (n,)
+                    rescale = (top - new_top).exp()  # (n,) 0 on the first block
+                    local = y - v0  # (n,)
+                    inside = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(-1)  # (k,)
+                    picked[inside] = z[inside, local[inside]]
+                    shifted = z.sub_(new_top.unsqueeze(-1))  # (n, vb) in place: z - max
+                    e = shifted.exp()  # (n, vb)
+                    block_total = e.sum(-1)  # (n,)
+                    if with_entropy:  # sum e (z' + max) = sum e z' + max * sum e
+                        block_weighted = e.mul_(shifted).sum(-1) + new_top * block_total
+                        weighted = weighted * rescale + block_weighted
+                    total = total * rescale + block_total
+                    top = new_top
+                logz[rows] = top + total.log()
+                logp[rows] = picked - logz[rows]
+                if with_entropy:
+                    entropy[rows] = logz[rows] - weighted / total
         ctx.save_for_backward(hidden, weight, bias, targets, logz, entropy)
-        ctx.temperature, ctx.chunk_rows, ctx.mm_dtype = temperature, chunk_rows, mm_dtype
+        ctx.temperature, ctx.chunk_rows, ctx.block, ctx.mm_dtype = temperature, chunk_rows, block, mm_dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, targets, logz, entropy = ctx.saved_tensors
-        temperature, chunk_rows, mm_dtype = ctx.temperature, ctx.chunk_rows, ctx.mm_dtype
+        temperature, chunk_rows, block, mm_dtype = ctx.temperature, ctx.chunk_rows, ctx.block, ctx.mm_dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 8
         if grad_logp is None and grad_entropy is None:
-            return None, None, None, None, None, None, None
+            return none
         math_dtype = logz.dtype
         n_rows, vocab = hidden.shape[0], weight.shape[0]
-        tile_rows = min(n_rows, max(chunk_rows, BACKWARD_TILE_ROWS))
-        block = max(1, chunk_rows * vocab // max(tile_rows, 1))  # vocabulary entries per tile
         grad_h = torch.zeros(hidden.shape, dtype=math_dtype, device=hidden.device) if need_h else None  # (N, H)
         grad_w = torch.zeros(weight.shape, dtype=math_dtype, device=weight.device) if need_w else None  # (V, H)
         grad_b = torch.zeros(bias.shape, dtype=math_dtype, device=bias.device) if need_b else None  # (V,)
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(mm_dtype)  # (V, H)
             b = None if bias is None else bias.to(mm_dtype)
-            for start in range(0, n_rows, tile_rows):
-                rows = slice(start, start + tile_rows)
+            for start in range(0, n_rows, chunk_rows):
+                rows = slice(start, start + chunk_rows)
                 h = hidden[rows]  # (n, H)
                 h_math = h.to(math_dtype)
-                local_targets = targets[rows]  # (n,)
+                y = targets[rows]  # (n,)
                 g_logp = None if grad_logp is None else grad_logp[rows].to(math_dtype).unsqueeze(-1)  # (n, 1)
                 g_ent = None if grad_entropy is None else grad_entropy[rows].to(math_dtype).unsqueeze(-1)  # (n, 1)
                 for v0 in range(0, vocab, block):
@@ -162,7 +177,7 @@ class _HiddenLogprobs(torch.autograd.Function):
                         g = p.mul_(-g_logp)
                     del p
                     if g_logp is not None:  # + g_logp at the target, for the targets inside this block
-                        local = local_targets - v0  # (n,)
+                        local = y - v0  # (n,)
                         inside = ((local >= 0) & (local < g.shape[1])).nonzero().squeeze(-1)  # (k,)
                         g[inside, local[inside]] += g_logp[inside, 0]
                     if temperature != 1.0:
@@ -174,7 +189,7 @@ class _HiddenLogprobs(torch.autograd.Function):
                     if need_b:
                         grad_b[cols] += g.sum(0)
         return (None if grad_h is None else grad_h.to(hidden.dtype), None if grad_w is None else grad_w.to(weight.dtype),
-                None if grad_b is None else grad_b.to(bias.dtype), None, None, None, None)
+                None if grad_b is None else grad_b.to(bias.dtype)) + none[3:]
 
 
 def _tile_logits(h, w, b, temperature, math_dtype):
@@ -194,6 +209,7 @@ def logprobs_from_hidden(
     mask: torch.Tensor | None = None,
     with_entropy: bool = False,
     chunk_rows: int | None = None,
+    vocab_block: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax((hidden W^T + b) / temperature)[target] without ever building the ``(..., V)`` logits.
 
@@ -202,8 +218,10 @@ def logprobs_from_hidden(
     ``(...)`` (and with ``with_entropy=True`` the entropy of the tempered distribution, ``(...)``) in
     float32 whatever the dtype of ``hidden`` (float64 for float64 input). ``mask`` ``(...)``: rows with
     mask 0 are not computed and give 0 (no gradient). ``chunk_rows``: rows per chunk (default
-    ``max(1, CHUNK_ELEMENTS // V)``). Memory beyond inputs and gradients: about three ``chunk_rows x V``
-    float32 buffers. Time: one extra ``h W^T`` product (the backward recomputes each chunk's logits).
+    ``CHUNK_ROWS``); ``vocab_block``: vocabulary entries per tile (default ``max(1, TILE_ELEMENTS //
+    chunk_rows)``). Memory beyond the inputs and their gradients: about three tiles of float32 logits
+    (24 MB by default) whatever ``N`` and ``V``. Time: one extra ``h W^T`` product (the backward
+    recomputes the logits) against the naive computation.
     Gradients flow to ``hidden``, ``weight`` and ``bias``; they equal those of the naive
     ``log_softmax(linear(hidden, weight, bias).float() / temperature).gather(...)`` up to float rounding.
     """
@@ -218,9 +236,10 @@ def logprobs_from_hidden(
     if targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets must have shape {tuple(hidden.shape[:-1])}, got {tuple(targets.shape)}")
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
-    if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk_rows = CHUNK_ROWS if chunk_rows is None else chunk_rows
     check_number("chunk_rows", chunk_rows, low=1)
+    vocab_block = max(1, TILE_ELEMENTS // chunk_rows) if vocab_block is None else vocab_block
+    check_number("vocab_block", vocab_block, low=1)
     shape = targets.shape
     flat_h, flat_t = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1).long()  # (N, H), (N,)
     keep = None
@@ -229,8 +248,9 @@ def logprobs_from_hidden(
             raise ValueError(f"mask must be a tensor of shape {tuple(shape)}")
         keep = mask.reshape(-1) != 0  # (N,)
         flat_h, flat_t = flat_h[keep], flat_t[keep]  # (n_real, H), (n_real,): padding costs nothing
-    logp, entropy = _HiddenLogprobs.apply(flat_h, weight, bias, flat_t, float(temperature), int(chunk_rows),
-                                          with_entropy)
+    chunk_rows = max(1, min(int(chunk_rows), flat_h.shape[0]))
+    logp, entropy = _HiddenLogprobs.apply(flat_h, weight, bias, flat_t, float(temperature), chunk_rows,
+                                          int(vocab_block), with_entropy)
 
     def unflatten(x):
         if keep is None:
