@@ -255,6 +255,7 @@ def grpo_child(args) -> None:
                              logprob_chunk_rows=0 if args.child == "grpo:xxpo-full" else None)
         trainer = Trainer(config)
         trainer.step(0)  # warm-up: AdamW's moments exist from here on
+        trainer.optimizer.zero_grad(set_to_none=True)  # as TRL's loop does after a step: no gradients in the baseline
         gc.collect()
         before = rss("VmRSS")
         reset_peak()
@@ -289,6 +290,8 @@ def grpo_child(args) -> None:
                 if state.global_step == 2:
                     marks["seconds"] = time.perf_counter() - marks["t0"]
                     marks["peak"] = rss("VmHWM")
+                    lengths = marks["trainer"]._metrics["train"].get("completions/mean_length") or [float("nan")]
+                    marks["length"] = lengths[-1]
 
         config = GRPOConfig(
             output_dir=os.path.join(workdir, "trl"), per_device_train_batch_size=prompts * group,
@@ -301,9 +304,10 @@ def grpo_child(args) -> None:
         trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
                               args=config, train_dataset=dataset, processing_class=tok, callbacks=[Measure()])
         trainer.remove_callback(PrinterCallback)
+        marks["trainer"] = trainer
         trainer.train()
         out = {"extra": marks["peak"] - marks["before"], "seconds": marks["seconds"], "rss": marks["peak"],
-               "length": trainer._metrics["train"]["completions/mean_length"][-1]}
+               "length": marks["length"]}
     print(json.dumps(out), flush=True)
 
 
