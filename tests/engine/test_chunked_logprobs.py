@@ -131,3 +131,15 @@ def test_proximal_forward_takes_the_chunked_path():
     assert calls == 1 + 1 + 4  # reference (logged at step 0), proximal, 4 minibatches
     for key, value in full.items():
         assert chunked[key] == pytest.approx(value, rel=1e-4, abs=1e-5, nan_ok=True), key
+
+
+def test_models_without_a_plain_linear_head_and_bad_values(dense):
+    class Wrapped(torch.nn.Module):  # no backbone to take hidden states from
+        def __init__(self, inner):
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+    assert lm_head_of(Wrapped(dense)) is None
+    assert lm_head_of(dense)[0] is dense.lm_head.weight
+    with pytest.raises(ValueError, match="logprob_chunk_rows"):
+        TrainConfig(logprob_chunk_rows=-1)
