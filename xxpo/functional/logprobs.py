@@ -121,9 +121,10 @@ class _HiddenLogprobs(torch.autograd.Function):
                     z = _tile_logits(h, w[cols], None if b is None else b[cols], temperature, math_dtype)  # (n, vb)
                     new_top = torch.maximum(top, z.amax(-1))  # (n,)
                     rescale = (top - new_top).exp()  # (n,) 0 on the first block
-                    local = y - v0  # (n,)
-                    inside = ((local >= 0) & (local < z.shape[1])).nonzero().squeeze(-1)  # (k,)
-                    picked[inside] = z[inside, local[inside]]
+                    local = y - v0  # (n,) the target's column in this block, if it is inside
+                    inside = (local >= 0) & (local < z.shape[1])  # (n,) (masks, not indices: no device sync)
+                    at_target = z.gather(-1, local.clamp(0, z.shape[1] - 1).unsqueeze(-1)).squeeze(-1)  # (n,)
+                    picked = torch.where(inside, at_target, picked)
                     shifted = z.sub_(new_top.unsqueeze(-1))  # (n, vb) in place: z - max
                     e = shifted.exp()  # (n, vb)
                     block_total = e.sum(-1)  # (n,)
@@ -178,8 +179,8 @@ class _HiddenLogprobs(torch.autograd.Function):
                     del p
                     if g_logp is not None:  # + g_logp at the target, for the targets inside this block
                         local = y - v0  # (n,)
-                        inside = ((local >= 0) & (local < g.shape[1])).nonzero().squeeze(-1)  # (k,)
-                        g[inside, local[inside]] += g_logp[inside, 0]
+                        inside = (local >= 0) & (local < g.shape[1])  # (n,)
+                        g.scatter_add_(-1, local.clamp(0, g.shape[1] - 1).unsqueeze(-1), g_logp * inside.unsqueeze(-1))
                     if temperature != 1.0:
                         g.div_(temperature)  # (n, vb) gradient with respect to the raw logits
                     if need_h:
