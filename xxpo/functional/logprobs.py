@@ -1,8 +1,15 @@
-"""Per-token log-probabilities and entropy from logits, without a full float32 log-softmax.
+"""Per-token log-probabilities and entropy, from logits or from hidden states.
 
-A naive ``logits.float().log_softmax(-1).gather(...)`` materializes a float32 ``(B, T, V)`` tensor.
-We instead compute ``logit[token] - logsumexp(logits)`` one chunk of rows at a time, so the
-extra memory is ``chunk_size * V`` floats whatever ``B * T`` is.
+From logits (:func:`selective_log_softmax`, :func:`entropy_from_logits`): a naive
+``logits.float().log_softmax(-1).gather(...)`` materializes a float32 ``(B, T, V)`` tensor; these compute
+``logit[token] - logsumexp(logits)`` one chunk of rows at a time, so the forward's extra memory is
+``chunk_size * V`` floats whatever ``B * T`` is. The logits themselves, and their gradient in the
+backward pass, are still full size.
+
+From hidden states (:func:`logprobs_from_hidden`): the LM head is applied inside, one tile of rows x
+vocabulary entries at a time, and recomputed in the backward pass, so no ``(B, T, V)`` tensor exists at
+all. With a real vocabulary (151,936 tokens) this is what lets long responses fit
+(``benchmarks/logprob_memory.py``).
 """
 
 from __future__ import annotations
