@@ -35,3 +35,11 @@ def test_methods_table_has_a_row_per_method():
     cells = [c.strip() for c in rows[0].strip("|").split("|")]
     assert cells[0] == "grpo" and 0 <= float(cells[4]) <= 1 and 0 <= float(cells[5]) <= 1  # base, trained accuracy
     assert re.search(r"\d+/2 methods raised mean held-out accuracy", out.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_logprob_memory_small_prints_the_ratio_line():
+    out = run_script("benchmarks/logprob_memory.py", "--vocab", "5000", "--rows", "64", "--reps", "1", "--no-model")
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"chunked/naive extra-memory ratio: \d+\.\d\d\d", last), last
+    assert "| xxpo-chunked |" in out and "| trl-chunked |" in out

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers import DynamicCache
 
-from xxpo.functional import entropy_from_logits, selective_log_softmax
+from xxpo.functional import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
 from xxpo.functional.checks import check_choice, check_mask, check_number
 from xxpo.models import position_ids_from_mask, replay_routing, routing_decisions
 
@@ -380,31 +380,72 @@ def response_logits(model, prompt_ids, prompt_mask, response_ids, response_mask,
     with ``routing`` the forward is always the plain one-pass forward over prompt + response, run under
     the replay.
     """
+    return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, routing, hidden=False)
+
+
+def response_hidden(model, prompt_ids, prompt_mask, response_ids, response_mask, routing=None) -> torch.Tensor:
+    """The final hidden states that predict each response token, ``(B, T, H)`` (differentiable).
+
+    The same forward as :func:`response_logits` (shared prompts, Routing Replay, position ids) through
+    the model's backbone (``model.base_model``, whose output is after the last norm) without the LM
+    head, so that :func:`xxpo.functional.logprobs_from_hidden` can apply the head one chunk of rows at
+    a time. ``response_logits(...) == lm_head(response_hidden(...))`` for the models
+    :func:`lm_head_of` accepts.
+    """
+    return _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, routing, hidden=True)
+
+
+def lm_head_of(model) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight (V, H), bias (V,) or None)`` when ``model``'s logits are exactly ``linear(backbone output)``.
+
+    ``None`` otherwise: no separate backbone, an output layer that is not an ``nn.Linear``, or a config
+    that scales or soft-caps the logits (Gemma-2's ``final_logit_softcapping``, Cohere's ``logit_scale``,
+    ...); those models keep the full-logits path.
+    """
+    backbone = getattr(model, "base_model", model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is model or not isinstance(head, torch.nn.Linear):
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for name in ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier", "logits_scaling"):
+        if getattr(config, name, None) not in (None, 1, 1.0):
+            return None
+    return head.weight, head.bias
+
+
+def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask, routing, hidden: bool) -> torch.Tensor:
+    """:func:`response_logits` (``hidden=False``: ``(B, T, V)``) or :func:`response_hidden` (``(B, T, H)``)."""
     p, t = prompt_ids.shape[1], response_ids.shape[1]
     inputs = response_ids[:, :-1]  # (B, T-1) the tokens whose next-token logits are needed
     attention_mask = torch.cat([prompt_mask, response_mask[:, :-1]], dim=1)  # (B, P+T-1)
     position_ids = position_ids_from_mask(attention_mask)  # (B, P+T-1)
+    net = model.base_model if hidden else model
+
+    def run(keep: int | None, **kwargs) -> torch.Tensor:
+        """One forward; its last ``keep`` columns (all when None) of logits or hidden states."""
+        if not hidden:
+            return net(**kwargs, **({} if keep is None else {"logits_to_keep": keep})).logits
+        states = net(**kwargs).last_hidden_state  # (b, S, H)
+        return states if keep is None else states[:, -keep:]
+
     if routing is not None:
         with replay_routing(model, routing[:, :, :-1]):
-            out = model(input_ids=torch.cat([prompt_ids, inputs], dim=1), attention_mask=attention_mask,
-                        position_ids=position_ids, use_cache=False, logits_to_keep=t)
-        return out.logits  # (B, T, V)
+            return run(t, input_ids=torch.cat([prompt_ids, inputs], dim=1), attention_mask=attention_mask,
+                       position_ids=position_ids, use_cache=False)  # (B, T, V or H)
     distinct, row_prompt = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
     if distinct.shape[0] == prompt_ids.shape[0]:
-        out = model(input_ids=torch.cat([prompt_ids, inputs], dim=1), attention_mask=attention_mask,
-                    position_ids=position_ids, use_cache=False, logits_to_keep=t)
-        return out.logits  # (B, T, V): the logit at column P-1+j predicts response token j
+        return run(t, input_ids=torch.cat([prompt_ids, inputs], dim=1), attention_mask=attention_mask,
+                   position_ids=position_ids, use_cache=False)  # (B, T, V or H): column P-1+j predicts token j
     cache = DynamicCache(config=model.config)
-    prompt_out = model(input_ids=distinct[:, :p], attention_mask=distinct[:, p:],
-                       position_ids=position_ids_from_mask(distinct[:, p:]), past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)  # (K, 1, V)
-    first = prompt_out.logits[row_prompt]  # (B, 1, V) predicts response token 0
+    first = run(1, input_ids=distinct[:, :p], attention_mask=distinct[:, p:],
+                position_ids=position_ids_from_mask(distinct[:, p:]), past_key_values=cache,
+                use_cache=True)[row_prompt]  # (B, 1, V or H) predicts response token 0
     if t == 1:
         return first
     cache.batch_select_indices(row_prompt)  # (B, heads, P, d) per layer
-    out = model(input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids[:, p:],
-                past_key_values=cache, use_cache=True)  # (B, T-1, V)
-    return torch.cat([first, out.logits], dim=1)  # (B, T, V)
+    out = run(None, input_ids=inputs, attention_mask=attention_mask, position_ids=position_ids[:, p:],
+              past_key_values=cache, use_cache=True)  # (B, T-1, V or H)
+    return torch.cat([first, out], dim=1)  # (B, T, V or H)
 
 
 def token_logprobs(
@@ -416,6 +457,7 @@ def token_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
     routing: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log pi(response token | prefix) under softmax(logits / temperature), ``(B, T)`` float32, 0 on padding.
 
@@ -424,6 +466,19 @@ def token_logprobs(
     that share a prompt share its forward). With ``with_entropy=True`` also returns the
     entropy of the tempered distribution at each response position, ``(B, T)``. ``routing``: MoE
     expert choices ``(L, B, P+T, k)`` to replay (Routing Replay; see :func:`response_logprobs`).
+
+    Two paths give the same numbers up to float rounding (:func:`uses_chunked_logprobs` picks one):
+
+    - full logits: :func:`response_logits` builds ``(B, T, V)`` logits, then a float32 log-softmax and
+      gather (:func:`xxpo.functional.selective_log_softmax`). Every committed record was made this way.
+    - chunked: :func:`response_hidden` gives ``(B, T, H)`` hidden states and
+      :func:`xxpo.functional.logprobs_from_hidden` applies the LM head, temperature, log-softmax,
+      gather and entropy ``chunk`` rows at a time, also in the backward pass, on real tokens only: no
+      ``(B, T, V)`` tensor exists. With a real vocabulary (151,936 tokens) this is what makes long
+      responses fit.
+
+    ``chunk_rows``: ``None`` (automatic), ``0`` (always full logits) or ``n > 0`` (always chunked,
+    ``n`` rows per chunk).
     """
     _check_prompts(prompt_ids, prompt_mask)
     if not isinstance(response_ids, torch.Tensor) or response_ids.dtype != torch.long or response_ids.dim() != 2:
@@ -439,6 +494,14 @@ def token_logprobs(
         if not isinstance(routing, torch.Tensor) or routing.dim() != 4 or routing.shape[1:3] != (b, seq):
             shape = tuple(routing.shape) if isinstance(routing, torch.Tensor) else type(routing).__name__
             raise ValueError(f"routing must be expert choices of shape (L, B={b}, P+T={seq}, k), got {shape}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 0):
+        raise ValueError(f"chunk_rows must be None, 0 or a positive int, got {chunk_rows!r}")
+    head = lm_head_of(model) if chunk_rows != 0 else None
+    if head is not None and uses_chunked_logprobs(response_ids.numel(), head[0].shape[0], chunk_rows):
+        states = response_hidden(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long(),
+                                 routing=routing)  # (B, T, H)
+        return logprobs_from_hidden(states, head[0], response_ids, bias=head[1], temperature=temperature,
+                                    mask=response_mask, with_entropy=with_entropy, chunk_rows=chunk_rows or None)
     logits = response_logits(model, prompt_ids, prompt_mask.long(), response_ids, response_mask.long(), routing=routing)
     logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, T, V)
     padding = response_mask == 0  # (B, T)
@@ -448,12 +511,33 @@ def token_logprobs(
     return logp, entropy_from_logits(logits).masked_fill(padding, 0.0)  # (B, T), (B, T)
 
 
+CHUNKED_LOGITS_THRESHOLD = 2**26
+"""Automatic rule of :func:`uses_chunked_logprobs`: chunk when ``B * T * V`` exceeds this many logits
+(67,108,864, i.e. 256 MB of float32 logits; 442 response tokens at V = 151,936)."""
+
+
+def uses_chunked_logprobs(rows: int, vocab_size: int, chunk_rows: int | None = None) -> bool:
+    """Whether :func:`token_logprobs` takes the chunked path for ``rows = B * T`` positions over ``vocab_size`` tokens.
+
+    ``chunk_rows=None`` (automatic): chunked exactly when ``rows * vocab_size > CHUNKED_LOGITS_THRESHOLD``.
+    The suite's tiny models (a vocabulary of a few dozen characters, at most a few thousand response
+    positions per batch) stay far below it, so they keep the full-logits path their records were made
+    with, bit for bit; a real vocabulary crosses it from a few hundred response tokens. ``0``: never;
+    ``n > 0``: always. (A model whose logits are not a plain linear head, :func:`lm_head_of`, never
+    chunks.)
+    """
+    if chunk_rows is None:
+        return rows * vocab_size > CHUNKED_LOGITS_THRESHOLD
+    return chunk_rows > 0
+
+
 def response_logprobs(
     model: torch.nn.Module,
     rollout: Rollout,
     temperature: float = 1.0,
     with_entropy: bool = False,
     routing: torch.Tensor | None = None,
+    chunk_rows: int | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_logprobs` of a rollout's responses: the training forward of every policy-gradient method.
 
@@ -470,6 +554,8 @@ def response_logprobs(
     policies under the behaviour policy's routing. The forward is then the plain one-pass forward over
     ``(B, P+T)`` (the shared-prompt forward has another token layout), which costs more on batches with
     repeated prompts. ``None`` (default): the model routes as usual.
+
+    ``chunk_rows``: full logits or log-probs from hidden states in chunks (:func:`token_logprobs`).
     """
     if not isinstance(rollout, Rollout):
         raise TypeError(f"rollout must be a Rollout, got {type(rollout).__name__}")
@@ -482,6 +568,7 @@ def response_logprobs(
         temperature=temperature,
         with_entropy=with_entropy,
         routing=routing,
+        chunk_rows=chunk_rows,
     )
 
 

@@ -12,7 +12,7 @@ from xxpo.functional.advantages import (
 )
 from xxpo.functional.aggregation import LOSS_AGG_MODES, aggregate, masked_mean, masked_sum
 from xxpo.functional.kl import KL_ESTIMATORS, is_corrected_k3, kl_penalty
-from xxpo.functional.logprobs import entropy_from_logits, selective_log_softmax
+from xxpo.functional.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
 from xxpo.functional.ratios import LOG_RATIO_CLAMP, sequence_log_ratio, token_log_ratio
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "is_corrected_k3",
     "kl_penalty",
     "leave_one_out_advantages",
+    "logprobs_from_hidden",
     "masked_mean",
     "masked_sum",
     "reinforce_pp_advantages",

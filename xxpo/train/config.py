@@ -94,6 +94,10 @@ class TrainConfig:
     track_routing: bool = _f(False, "MoE only: fraction of routing decisions that change per update")
     routing_replay: bool = _f(False, "MoE only: Routing Replay, the training forwards reuse the experts the behaviour "
                               "policy chose for each token (GSPO, arXiv 2507.18071)")
+    logprob_chunk_rows: int | None = _f(None, "Log-probs of the training, reference and proximal forwards: None = automatic "
+                                        "(from the hidden states in chunks when B*T*V > 2^26 logits, else full logits), "
+                                        "0 = always full (B, T, V) logits, n > 0 = always chunked, n rows per chunk "
+                                        "(xxpo.rollout.token_logprobs)")
     checkpoint_every: int = _f(0, "Save a resumable checkpoint every k steps into out_dir (0 = never)")
     progress: bool = _f(True, "Show a tqdm progress bar")
 
@@ -131,6 +135,9 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.logprob_chunk_rows is not None and (isinstance(self.logprob_chunk_rows, bool)
+                                                    or not isinstance(self.logprob_chunk_rows, int) or self.logprob_chunk_rows < 0):
+            raise ValueError(f"logprob_chunk_rows must be None, 0 or a positive integer, got {self.logprob_chunk_rows!r}")
         for name in ("staleness", "checkpoint_every", "seed", "base_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

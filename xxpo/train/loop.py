@@ -293,7 +293,8 @@ class Trainer(Run):
         if self.kl_coef > 0 or step == 0 or (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
             with torch.no_grad():
                 self.ref_logp = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask,
-                                               rollout.response_ids, rollout.response_mask, temperature=c.temperature)
+                                               rollout.response_ids, rollout.response_mask, temperature=c.temperature,
+                                               chunk_rows=c.logprob_chunk_rows)
         row["time_reference"] = time.perf_counter() - t0
         row["kl_ref"] = (math.nan if self.ref_logp is None
                          else float(masked_mean(rollout.behav_logp - self.ref_logp, rollout.response_mask)))
@@ -310,7 +311,8 @@ class Trainer(Run):
         t0 = time.perf_counter()
         if self.prox == "recompute" or c.prox_error:
             with torch.no_grad():  # pi_prox = the policy at the start of this update: one extra forward
-                prox = response_logprobs(self.policy, rollout, c.temperature, routing=routing)  # (B, T)
+                prox = response_logprobs(self.policy, rollout, c.temperature, routing=routing,
+                                         chunk_rows=c.logprob_chunk_rows)  # (B, T)
             extra["prox_logp" if self.prox == "recompute" else "prox_recomputed"] = prox
         self.prox_seconds = time.perf_counter() - t0 if self.prox == "recompute" else 0.0
 
@@ -331,7 +333,8 @@ class Trainer(Run):
                     mb = rollout.select(idx)
                     extra_mb = {k: v[idx] for k, v in extra.items()}
                     logp, entropy = response_logprobs(self.policy, mb, c.temperature, with_entropy=True,
-                                                      routing=None if routing is None else routing[:, idx])
+                                                      routing=None if routing is None else routing[:, idx],
+                                                      chunk_rows=c.logprob_chunk_rows)
                     out = self.objective(mb, logp, adv[idx], extra_mb, step)
                     self.optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
