@@ -11,9 +11,14 @@ import os
 import types
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
 
 from xxpo.models import MODEL_PRESETS, build_model  # noqa: E402
 from xxpo.tasks import make_tokenizer  # noqa: E402
