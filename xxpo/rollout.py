@@ -185,6 +185,7 @@ def sample(
     generator: torch.Generator | None = None,
     policy_version: int = 0,
     greedy: bool = False,
+    logit_noise: float = 0.0,
 ) -> Rollout:
     """Sample ``num_samples`` responses per prompt with a KV cache; each row stops at its first EOS.
 
@@ -214,6 +215,12 @@ def sample(
 
     With ``top_p = 1`` the two are the same tensor. With ``greedy=True`` both are the untruncated
     log pi_t of the argmax (greedy decoding is for evaluation, not for ratios).
+
+    ``logit_noise`` (default 0, off) simulates an inference engine that disagrees with the trainer: at
+    every decoding step Gaussian noise of that standard deviation, drawn from ``generator``, is added to
+    the tempered logits, the token is drawn from the noisy distribution mu and both log-probs are those of
+    mu. A recompute with :func:`response_logprobs` then differs from ``behav_logp`` (the sampler-trainer
+    mismatch that ``xxpo.objectives.mismatch_weights`` corrects). Ignored with ``greedy=True``.
     """
     _check_prompts(prompt_ids, prompt_mask)
     for name, value in (("num_samples", num_samples), ("max_new_tokens", max_new_tokens)):
@@ -225,6 +232,7 @@ def sample(
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
     check_number("temperature", temperature, low=0.0, low_inclusive=False)
     check_number("top_p", top_p, low=0.0, high=1.0, low_inclusive=False)
+    check_number("logit_noise", logit_noise, low=0.0)
     if not isinstance(greedy, bool):
         raise TypeError(f"greedy must be a bool, got {type(greedy).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
@@ -240,7 +248,7 @@ def sample(
         with torch.inference_mode():
             response_ids, logps, untruncated = _decode(
                 model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id,
-                temperature, top_p, generator, greedy,
+                temperature, top_p, generator, greedy, logit_noise,
             )
         response_ids = response_ids.clone()  # (B, T) an ordinary tensor
     finally:
@@ -270,7 +278,7 @@ def sample(
 
 def _decode(
     model, prompt_ids, prompt_mask, num_samples, max_new_tokens, eos_token_id, pad_token_id, temperature, top_p,
-    generator, greedy,
+    generator, greedy, logit_noise=0.0,
 ):
     """The decoding loop of :func:`sample`: returns response ids ``(B, T)``, their log-probs under the
     distribution sampled from ``(B, T)`` and under the untruncated tempered policy ``(B, T)`` (the same
@@ -304,6 +312,9 @@ def _decode(
     finished = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)  # (B,)
     for step in range(max_new_tokens):
         logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, V)
+        if logit_noise and not greedy:  # the sampler's own numerics: mu = softmax(logits / T + noise)
+            noise = torch.randn(logits.shape, generator=generator, device=generator.device if generator is not None else "cpu")
+            logits = logits + logit_noise * noise.to(logits.device)  # (B, V)
         if greedy:
             token = logits.argmax(-1)  # (B,)
         else:

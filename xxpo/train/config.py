@@ -14,6 +14,8 @@ from xxpo.functional import ADV_NORMS, KL_ESTIMATORS, LOSS_AGG_MODES
 from xxpo.presets import PRESETS, PROXIMALS, get_preset, policy_methods, preference_methods
 from xxpo.tasks import DEFAULT_TASK
 
+MISMATCH_CORRECTIONS = ("none", "token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+"""``TrainConfig.mismatch_correction``: 'none' or LEVEL_MODE of ``xxpo.objectives.mismatch_weights``."""
 POLICY_METHODS = policy_methods()
 """The built-in methods trained by the RL loop (a snapshot; methods registered later are in PRESETS)."""
 PREFERENCE_METHODS = preference_methods()
@@ -83,6 +85,16 @@ class TrainConfig:
     prox_error: bool = _f(False, "Log prox_abs_err, mean |log pi_prox(loglinear) - log pi_prox(recompute)| per token "
                           "(costs the recompute forward)")
     behav_weight_cap: float | None = _f(None, "Cap on pi_prox / pi_behav (None = no cap)")
+    # sampler-trainer mismatch
+    sampler_logit_noise: float = _f(0.0, "Std of Gaussian noise added to the sampler's tempered logits at each decoding "
+                                    "step (from the sampling generator): the recorded behaviour log-probs are the noisy "
+                                    "sampler's, a controlled sampler-trainer mismatch (0 = off)")
+    mismatch_correction: str = _f("none", "Correction of the sampler-trainer mismatch: 'none' (old_logp = the sampler's "
+                                  "log-probs), or LEVEL_MODE in token_truncate (TIS), token_mask (IcePop), "
+                                  "sequence_truncate, sequence_mask (MIS): recompute the trainer's old_logp before the "
+                                  "update and multiply the advantages by xxpo.objectives.mismatch_weights")
+    mismatch_low: float | None = _f(None, "Lower bound of the mismatch weight pi_old / mu (None = open)")
+    mismatch_high: float | None = _f(2.0, "Upper bound of the mismatch weight pi_old / mu (None = open)")
     # preference methods
     dpo_beta: float = _f(0.1, "DPO temperature beta (not GRPO's kl_coef)")
     label_smoothing: float = _f(0.0, "cDPO label smoothing in [0, 0.5)")
@@ -186,6 +198,16 @@ class TrainConfig:
             raise ValueError(f"clip_eps_low must be < 1, got {self.clip_eps_low}")
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             raise ValueError(f"dual_clip_c must be > 1, got {self.dual_clip_c}")
+        if self.sampler_logit_noise < 0:
+            raise ValueError(f"sampler_logit_noise must be >= 0, got {self.sampler_logit_noise}")
+        if self.mismatch_correction not in MISMATCH_CORRECTIONS:
+            raise ValueError(f"mismatch_correction must be one of {MISMATCH_CORRECTIONS}, got {self.mismatch_correction!r}")
+        if self.mismatch_low is not None and self.mismatch_low < 0:
+            raise ValueError(f"mismatch_low must be >= 0 or None, got {self.mismatch_low}")
+        if self.mismatch_high is not None and self.mismatch_high <= 0:
+            raise ValueError(f"mismatch_high must be > 0 or None, got {self.mismatch_high}")
+        if self.mismatch_low is not None and self.mismatch_high is not None and self.mismatch_low > self.mismatch_high:
+            raise ValueError(f"mismatch_low must be <= mismatch_high, got {self.mismatch_low} > {self.mismatch_high}")
         if self.behav_weight_cap is not None and self.behav_weight_cap < 1:
             raise ValueError(f"behav_weight_cap must be >= 1, got {self.behav_weight_cap}")
         if preset.advantage in ("group", "leave_one_out") and self.group_size < 2:

@@ -5,6 +5,7 @@
         rewards   = task.reward(prompt, response)                  (verifiable, in [0, 1])
         adv       = group z-score | leave-one-out | GAE | R - V(x) | whitened returns   (the method's estimator)
         [prox]    = recompute pi_prox | A-3PO interpolation        (decoupled PPO / A-3PO only)
+        [mismatch] old_logp = trainer's recompute; adv *= mismatch_weights(old_logp, sampler's logp)  (opt-in)
         for epoch in range(mu): for minibatch in split(rollout, minibatches):
             logp  = policy forward on the minibatch
             loss  = objective(logp, old_logp, adv, mask, ...)      (xxpo.objectives)
@@ -151,7 +152,9 @@ class Trainer(Run):
 
     def objective(self, mb: Rollout, logp, adv, extra, step: int):
         """The method's loss on one minibatch: its ``inputs`` positionally, its ``objective_args`` by keyword."""
-        tensors = {"logp": logp, "old_logp": mb.behav_logp, "advantages": adv, "mask": mb.response_mask}
+        # old_logp: the sampler's log-probs (as recorded), or the trainer's recompute under a mismatch correction
+        old_logp = extra.get("trainer_old_logp", mb.behav_logp)  # (b, T)
+        tensors = {"logp": logp, "old_logp": old_logp, "advantages": adv, "mask": mb.response_mask}
         metrics = {}
         if self.prox == "loglinear":
             t0 = time.perf_counter()
@@ -167,6 +170,32 @@ class Trainer(Run):
         out = self.loss_fn(*(tensors[name] for name in self.preset.inputs), **kwargs)
         out.metrics.update(metrics)
         return out
+
+    def mismatch(self, rollout: Rollout, adv, extra: dict, routing, row: dict):
+        """Measure the sampler-trainer mismatch and, if ``mismatch_correction`` is on, correct it.
+
+        The trainer recomputes log pi_old of the sampled responses with its weights before the update (those
+        that sampled them when ``staleness`` is 0; one extra forward, as Decoupled PPO's proximal recompute) and compares them with the sampler's
+        recorded ``behav_logp``. Uncorrected, the objective's old_logp stays the sampler's (GRPO as deployed
+        with an inference engine); corrected, old_logp is the trainer's recompute and the advantages are
+        multiplied by ``mismatch_weights(trainer old_logp, sampler logp)`` (B, T), constants. Returns the
+        advantages the update uses.
+        """
+        c, m = self.config, rollout.response_mask
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            trainer_old = response_logprobs(self.policy, rollout, c.temperature, routing=routing,
+                                            chunk_rows=c.logprob_chunk_rows)  # (B, T)
+        row["time_mismatch"] = time.perf_counter() - t0
+        level, _, mode = c.mismatch_correction.partition("_")
+        corr = objectives.mismatch_weights(trainer_old, rollout.behav_logp, m, level=level if mode else "token",
+                                           mode=mode or "truncate", low=c.mismatch_low, high=c.mismatch_high)
+        row["mismatch_abs_logp"] = float(masked_mean((rollout.behav_logp - trainer_old).abs(), m))
+        row.update({k: float(v) for k, v in corr.metrics.items()})  # what the correction would do (applied if on)
+        if c.mismatch_correction == "none":
+            return adv
+        extra["trainer_old_logp"] = trainer_old
+        return (adv if adv.dim() == 2 else adv.unsqueeze(-1)) * corr.weights  # (B, T)
 
     def critic_step(self, mb: Rollout, rewards_mb, extra_mb) -> dict:
         c = self.config
@@ -213,6 +242,7 @@ class Trainer(Run):
             step, prompt_ids.to(self.device), prompt_mask.to(self.device), num_samples=c.group_size,
             max_new_tokens=self.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id, temperature=c.temperature, top_p=c.top_p, generator=self.sample_gen,
+            logit_noise=c.sampler_logit_noise,
         )
         texts = decode_responses(self.tokenizer, rollout)
         rows = [examples[i] for i in rollout.prompt_index.tolist()]
@@ -315,6 +345,8 @@ class Trainer(Run):
                                          chunk_rows=c.logprob_chunk_rows)  # (B, T)
             extra["prox_logp" if self.prox == "recompute" else "prox_recomputed"] = prox
         self.prox_seconds = time.perf_counter() - t0 if self.prox == "recompute" else 0.0
+        if c.mismatch_correction != "none" or c.sampler_logit_noise > 0:
+            adv = self.mismatch(rollout, adv, extra, routing, row)
 
         routing_before = None
         if c.track_routing and self.is_moe:
