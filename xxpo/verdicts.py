@@ -67,6 +67,12 @@ CLAIMS: dict[str, PaperClaim] = {c.id: c for c in (
     PaperClaim("C11", "Yu et al. 2025 (DAPO), arXiv 2503.14476",
                "DAPO's clip-higher (eps_high > eps_low) slows the collapse of policy entropy, and its token-level "
                "loss keeps response length from running away."),
+    PaperClaim("C12", "Yao et al. 2025 (truncated IS, blog post fengyao.notion.site/off-policy-rl); Liu et al. 2025 "
+               "(masked IS, \"When Speed Kills Stability\", richardli.xyz/rl-collapse); Ling Team 2025 (IcePop, "
+               "Ring-1T), arXiv 2510.18855",
+               "A mismatch between the sampler's and the trainer's probabilities degrades RL training; importance "
+               "weights pi_trainer / pi_sampler, truncated per token (TIS), masked per sequence (MIS) or masked per "
+               "token (IcePop), recover it."),
 )}
 """Every claim of the family, by id. Add a claim here (never in a notebook) to give it an id."""
 
