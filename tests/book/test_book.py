@@ -696,7 +696,8 @@ def test_ledger_page_lists_every_claim_and_the_committed_verdicts(html_dir):
     (rows,) = tables(html_dir / "book" / "claims.html", "xxpo-claims-ledger")
     header, *body = rows
     assert header == ["claim", "statement and source", "notebook", "measured", "verdict"]
-    shown = {r[0]: [c.replace("\u2019", "'") for c in r] for r in body}  # Sphinx's smart quotes
+    smart = str.maketrans({"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"'})
+    shown = {r[0]: [c.translate(smart) for c in r] for r in body}  # Sphinx's smart quotes
     for cid, claim in CLAIMS.items():
         assert cid in shown, f"{cid} missing from the ledger"
         assert claim.statement in shown[cid][1] and claim.source in shown[cid][1]
