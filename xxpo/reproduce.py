@@ -78,21 +78,14 @@ def attach_check(record, executed_check, seeds) -> dict:
 
 def check_notebook(path: Path, seeds, scratch: Path) -> dict:
     """Re-run the full record ``path`` with reported ``seeds`` (into ``scratch``) and attach the verdicts."""
-    import papermill
 
-    start = time.perf_counter()
-    output = Path(scratch) / f"{path.stem}.check.ipynb"
-    try:
-        papermill.execute_notebook(str(path), str(output), parameters={"profile": "full", "seeds": list(seeds)},
-                                   kernel_name="python3", cwd=str(path.parent), progress_bar=False)
+    def attach(output: Path) -> None:
         record = nbformat.read(path, as_version=4)
         attach_check(record, nbformat.read(output, as_version=4), seeds)
         nbformat.write(record, path)
-        ok, error = True, None
-    except Exception as err:
-        ok, error = False, str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-    return {"notebook": path.name, "profile": "check", "ok": ok, "seconds": time.perf_counter() - start,
-            "output": str(output), "error": error}
+
+    return _execute(path, Path(scratch) / f"{path.stem}.check.ipynb", {"profile": "full", "seeds": list(seeds)},
+                    attach, label="check")
 
 
 def notebooks() -> list[Path]:
@@ -102,21 +95,30 @@ def notebooks() -> list[Path]:
 def run_notebook(path: Path, profile: str, output: Path, parameters: dict | None = None) -> dict:
     """Execute ``path`` into ``output`` with ``profile`` and any other notebook ``parameters`` (e.g. ``model``,
     ``task``); returns a summary dict (never raises on failure)."""
-    import papermill
 
-    start = time.perf_counter()
-    try:
-        papermill.execute_notebook(str(path), str(output), parameters={**(parameters or {}), "profile": profile},
-                                   kernel_name="python3",
-                                   cwd=str(path.parent), progress_bar=False)
+    def stamp(output: Path) -> None:
         nb = nbformat.read(output, as_version=4)
         verdicts = collect_verdicts(nb)
         nb.metadata.setdefault("xxpo", {}).update(code_hash=code_hash(nb), profile=profile, verdicts=verdicts)
         nbformat.write(nb, output)
+
+    return _execute(path, output, {**(parameters or {}), "profile": profile}, stamp, label=profile)
+
+
+def _execute(path: Path, output: Path, parameters: dict, then, label: str) -> dict:
+    """papermill ``path`` into ``output`` with ``parameters``, then ``then(output)``; the summary dict of
+    :func:`run_notebook` (``ok``, ``error``: the last line of the failure, ``seconds``), never raises."""
+    import papermill
+
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(path), str(output), parameters=parameters, kernel_name="python3",
+                                   cwd=str(path.parent), progress_bar=False)
+        then(output)
         ok, error = True, None
     except Exception as err:  # papermill raises PapermillExecutionError with the cell's traceback
         ok, error = False, str(err).strip().splitlines()[-1] if str(err).strip() else repr(err)
-    return {"notebook": path.name, "profile": profile, "ok": ok, "seconds": time.perf_counter() - start,
+    return {"notebook": path.name, "profile": label, "ok": ok, "seconds": time.perf_counter() - start,
             "output": str(output), "error": error}
 
 

@@ -171,7 +171,13 @@ class Trainer(Run):
         out.metrics.update(metrics)
         return out
 
-    def mismatch(self, rollout: Rollout, adv, extra: dict, routing, row: dict):
+    def recompute(self, rollout: Rollout, routing) -> torch.Tensor:
+        """log pi of the rollout's responses under the current weights, before the update: ``(B, T)``, no graph."""
+        with torch.no_grad():
+            return response_logprobs(self.policy, rollout, self.config.temperature, routing=routing,
+                                     chunk_rows=self.config.logprob_chunk_rows)
+
+    def mismatch(self, rollout: Rollout, adv, extra: dict, routing, row: dict, recomputed=None):
         """Measure the sampler-trainer mismatch and, if ``mismatch_correction`` is on, correct it.
 
         The trainer recomputes log pi_old of the sampled responses with its weights before the update (those
@@ -179,13 +185,12 @@ class Trainer(Run):
         recorded ``behav_logp``. Uncorrected, the objective's old_logp stays the sampler's (GRPO as deployed
         with an inference engine); corrected, old_logp is the trainer's recompute and the advantages are
         multiplied by ``mismatch_weights(trainer old_logp, sampler logp)`` (B, T), constants. Returns the
-        advantages the update uses.
+        advantages the update uses. ``recomputed``: the same forward if the step already ran it for the
+        proximal policy (then reused, and ``time_mismatch`` counts no forward).
         """
         c, m = self.config, rollout.response_mask
         t0 = time.perf_counter()
-        with torch.no_grad():
-            trainer_old = response_logprobs(self.policy, rollout, c.temperature, routing=routing,
-                                            chunk_rows=c.logprob_chunk_rows)  # (B, T)
+        trainer_old = recomputed if recomputed is not None else self.recompute(rollout, routing)  # (B, T)
         row["time_mismatch"] = time.perf_counter() - t0
         level, _, mode = c.mismatch_correction.partition("_")
         corr = objectives.mismatch_weights(trainer_old, rollout.behav_logp, m, level=level if mode else "token",
@@ -339,14 +344,13 @@ class Trainer(Run):
             routing = self.lagged.routing(rollout)  # (L, B, P+T, k)
             row["time_routing"] = time.perf_counter() - t0
         t0 = time.perf_counter()
+        recomputed = None  # log pi of the rollout under the policy at the start of this update, (B, T)
         if self.prox == "recompute" or c.prox_error:
-            with torch.no_grad():  # pi_prox = the policy at the start of this update: one extra forward
-                prox = response_logprobs(self.policy, rollout, c.temperature, routing=routing,
-                                         chunk_rows=c.logprob_chunk_rows)  # (B, T)
-            extra["prox_logp" if self.prox == "recompute" else "prox_recomputed"] = prox
+            recomputed = self.recompute(rollout, routing)  # pi_prox: one extra forward
+            extra["prox_logp" if self.prox == "recompute" else "prox_recomputed"] = recomputed
         self.prox_seconds = time.perf_counter() - t0 if self.prox == "recompute" else 0.0
         if c.mismatch_correction != "none" or c.sampler_logit_noise > 0:
-            adv = self.mismatch(rollout, adv, extra, routing, row)
+            adv = self.mismatch(rollout, adv, extra, routing, row, recomputed)
 
         routing_before = None
         if c.track_routing and self.is_moe:
