@@ -349,7 +349,7 @@ def value_loss(values, old, returns, mask, clip_eps=0.2, mode="token-mean"):
             else:
                 vc = o + _clamp(v - o, -clip_eps, clip_eps)
                 cl = (vc - rr) ** 2
-                flag = cl > un
+                flag = cl > un and abs(v - o) > clip_eps  # inside the band the branches are equal up to rounding
                 if flag:
                     lrow.append(0.5 * cl)
                     grow.append(0.0)  # the clamp is active whenever the clipped branch is strictly larger

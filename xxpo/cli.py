@@ -9,6 +9,8 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "method's preset (the paper's setting, scaled down) or the suite default.")
     tr.add_argument("--out", required=True, help="output directory for metrics.csv, summary.json and checkpoints")
     tr.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out if there is one")
+    tr.add_argument("--nproc", type=int, default=1, metavar="N",
+                    help="train with N processes on this machine (data parallel: gloo on CPU, one GPU each on CUDA); "
+                         "for several machines launch `torchrun ... -m xxpo.cli train ...` instead (default: 1)")
     tr.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE_OR_FILE",
                     help="import a Python module or .py file first, e.g. one that defines a method with "
                          "xxpo.presets.register (repeatable)")
@@ -96,21 +101,54 @@ def import_user_code(spec: str) -> None:
             raise ValueError(f"--import: cannot import {spec!r}: {err}") from err
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` / ``--nproc=N`` (what each launched process is given)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
+def launch(nproc: int, argv: list[str]) -> int:
+    """Run ``xxpo <argv>`` in ``nproc`` processes on this machine with torchrun; its exit code."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "xxpo.cli", *without_nproc(argv)]
+    return subprocess.run(cmd, check=False).returncode
+
+
+def cmd_train(args: argparse.Namespace, argv: list[str]) -> int:
     from xxpo.presets import PRESETS
     from xxpo.train import train
+    from xxpo.train.distributed import data_parallel_requested, world_size_from_env
 
     for spec in args.imports:
         import_user_code(spec)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "imports")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "out", "resume", "imports", "nproc")}
     method = overrides.pop("method", "grpo")
     config = TrainConfig.from_preset(method, **overrides)
-    if PRESETS[config.method].is_preference:
+    preset = PRESETS[config.method]
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc > 1 and (preset.is_preference or preset.update == "trpo"):
+        raise ValueError(f"--nproc {args.nproc}: method {config.method!r} trains in one process (data parallelism "
+                         "runs the policy-gradient loop with gradient updates; not TRPO, not the preference methods)")
+    if args.nproc > 1 and not data_parallel_requested():
+        return launch(args.nproc, argv)
+    if args.nproc > 1 and world_size_from_env() != args.nproc:
+        raise ValueError(f"--nproc {args.nproc} but torchrun started {world_size_from_env()} processes")
+    if preset.is_preference:
         from xxpo.train.preference import train_preference
 
         result = train_preference(config, args.out, resume=args.resume)
     else:
         result = train(config, args.out, resume=args.resume)
+    if int(os.environ.get("RANK", "0")) != 0:  # data parallel: rank 0 reports
+        return 0
     s = result.summary
     print(json.dumps({k: s[k] for k in ("method", "task", "seed", "base_eval_accuracy", "final_eval_accuracy",
                                         "seconds_per_step")}, indent=2))
@@ -141,14 +179,19 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "train":
-            return cmd_train(args)
+            return cmd_train(args, argv)
         return cmd_reproduce(args)
     except ValueError as err:
         print(f"xxpo: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        dist = sys.modules.get("torch.distributed")  # a data-parallel run leaves its process group to close
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -169,3 +169,16 @@ def test_value_loss_has_the_factor_one_half():
     assert abs(out.loss.item() - (0.5 * 4.0 + 0.5 * 2.25) / 2) < 1e-12
     out.loss.backward()
     assert torch.allclose(values.grad, torch.tensor([[2.0 / 2, -1.5 / 2]], dtype=torch.float64), rtol=1e-12)
+
+
+def test_value_clip_frac_ignores_rounding_inside_the_band():
+    # Inside the band V_old + clip(V - V_old) is V again, but for rounding: with V_old = 0.1 and V = 1e-9,
+    # V - V_old rounds to -0.1, so the "clipped" value is 0 and its error a hair larger. Not clipping (the
+    # loss picks either branch, the gradient is the same); the PPO critic's values near 0 hit this.
+    old = torch.tensor([[0.1, 0.0]])
+    values = torch.tensor([[1e-9, 0.5]], requires_grad=True)  # in the band; out of it (|0.5 - 0| > 0.2)
+    returns = torch.tensor([[1e-8, 1.0]])
+    clipped_value = old + (values.detach() - old).clamp(-0.2, 0.2)
+    assert (clipped_value[0, 0] - returns[0, 0]) ** 2 > (values[0, 0].detach() - returns[0, 0]) ** 2  # the rounding
+    out = value_loss(values, old, returns, torch.ones(1, 2), clip_eps=0.2)
+    assert out.metrics["vf_clip_frac"].item() == 0.5  # the second token only

@@ -118,7 +118,8 @@ def value_loss(
     reduce_mean(maximum(vf_losses1, vf_losses2))``), kept by verl's ``compute_value_loss`` and TRL's old
     PPOTrainer. The 1/2 is a constant scale: in the paper it would be absorbed by c1; here the critic has
     its own AdamW optimizer, which is almost invariant to it (only eps sees the scale). All inputs (B, T).
-    Metrics: vf_clip_frac (tokens where the clipped branch is strictly larger), value_mean.
+    Metrics: vf_clip_frac (tokens where the clip engaged, |V - V_old| > eps, and the clipped branch is the
+    larger), value_mean.
     """
     check_tensor("values", values, ndim=2)
     check_tensor("old_values", old_values, ndim=2)
@@ -133,6 +134,9 @@ def value_loss(
     else:
         v_clipped = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
         clipped = (v_clipped - returns) ** 2  # (B, T)
-        loss_mat, clip_active = 0.5 * torch.maximum(unclipped, clipped), (clipped > unclipped).to(m.dtype)
+        # the clip engaged (|V - V_old| > eps) and made the error larger; inside the band the two branches are
+        # equal but for the rounding of V_old + (V - V_old), which must not count as clipping
+        engaged = (values - old_values).abs() > clip_eps  # (B, T)
+        loss_mat, clip_active = 0.5 * torch.maximum(unclipped, clipped), ((clipped > unclipped) & engaged).to(m.dtype)
     loss = aggregate(loss_mat, m, loss_agg_mode)
     return LossOutput(loss, detached(vf_clip_frac=masked_mean(clip_active, m), value_mean=masked_mean(values, m)))

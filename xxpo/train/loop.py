@@ -22,6 +22,7 @@ checkpoints, result files) is :class:`xxpo.train.run.Run`, shared with the prefe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -47,11 +48,12 @@ from xxpo.functional import (
     token_rewards_from_outcome,
 )
 from xxpo.models import PromptValueModel, ValueModel, resolve_device, routing_decisions
-from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logits, response_logprobs, token_logprobs
+from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logits, response_logprobs
 from xxpo.tasks import encode_prompts, get_task
 from xxpo.presets import PRESETS
 from xxpo.train.config import TrainConfig
-from xxpo.train.evaluate import evaluate
+from xxpo.train.distributed import SAMPLING_SEED_STRIDE, DataParallel
+from xxpo.train.evaluate import evaluate, fixed_subset, greedy_decode, score_responses
 from xxpo.train.run import Run, RunResult, load_start, sampling_budget
 
 
@@ -62,9 +64,9 @@ def full_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     return (logits.float() / temperature).log_softmax(-1)
 
 
-def routing_change(model, rollout: Rollout, before: torch.Tensor) -> float:
-    """Fraction of (layer, response token) routing decisions whose top-k expert set changed."""
-    after = routing_decisions(model, rollout.input_ids, rollout.attention_mask)  # (L, B, S, k)
+def routing_change(rollout: Rollout, before: torch.Tensor, after: torch.Tensor) -> float:
+    """Fraction of (layer, response token) routing decisions whose top-k expert set changed, before ->
+    after, both ``(L, B, P+T, k)`` (:func:`xxpo.models.routing_decisions` on the rollout)."""
     p = rollout.prompt_ids.shape[1]
     changed = (before[:, :, p:].sort(-1).values != after[:, :, p:].sort(-1).values).any(-1)  # (L, B, T)
     mask = rollout.response_mask.bool().unsqueeze(0).expand_as(changed)
@@ -87,10 +89,18 @@ class Trainer(Run):
             raise ValueError(f"method {config.method!r} is a preference method: use xxpo.train.train_preference")
         super().__init__(config, out_dir, callback)
         c = config
-        self.device = resolve_device(c.device)
+        self.dp = DataParallel.from_env(resolve_device(c.device))  # None in one process
+        self.device = self.dp.device if self.dp else resolve_device(c.device)
+        if self.dp and self.preset.update == "trpo":
+            raise ValueError(f"method {c.method!r} updates by conjugate gradient (trpo_step), which runs in one "
+                             "process; launch it without --nproc / torchrun")
+        if self.dp and c.prompts_per_step < self.dp.size:
+            raise ValueError(f"prompts_per_step={c.prompts_per_step} must be at least the number of processes "
+                             f"({self.dp.size}): each process samples whole groups")
         self.task = get_task(c.task)
         torch.manual_seed(c.seed)
-        self.policy, self.reference, self.tokenizer, self.base_info = load_start(c, self.device)
+        with self.dp.rank_zero_first() if self.dp else contextlib.nullcontext():  # rank 0 fills the SFT cache
+            self.policy, self.reference, self.tokenizer, self.base_info = load_start(c, self.device)
         self.max_new_tokens = sampling_budget(c, self.task, self.policy, self.tokenizer, self.base_info)
         self.is_moe = "moe" in type(self.policy).__name__.lower()
         if c.routing_replay and not self.is_moe:
@@ -105,13 +115,18 @@ class Trainer(Run):
         self.critic_optimizer = (
             torch.optim.AdamW(self.critic.parameters(), lr=c.critic_lr) if self.critic is not None else None
         )
+        if self.dp:  # every rank starts from rank 0's weights
+            for module in (self.policy, self.reference, self.critic):
+                if module is not None:
+                    self.dp.broadcast(module)
         self.prox = c.preset_value("prox")  # None, "recompute" or "loglinear"
         self.kl_coef = c.preset_value("kl_coef", 0.0)
         self.dynamic_sampling = bool(c.preset_value("dynamic_sampling", False))
         self.max_sampling_rounds = c.preset_value("max_sampling_rounds", 10)
         buffer = c.preset_value("overlong_buffer")
         self.overlong_cache = max(1, round(buffer * self.max_new_tokens)) if buffer else None  # DAPO's L_cache
-        self.sample_gen = torch.Generator().manual_seed(c.seed)
+        # each rank draws its responses from its own stream; rank 0's is the one-process stream
+        self.sample_gen = torch.Generator().manual_seed(c.seed + (self.dp.rank * SAMPLING_SEED_STRIDE if self.dp else 0))
         self.shuffle_gen = torch.Generator().manual_seed(c.seed + 1)
         self.lag_gen = torch.Generator().manual_seed(c.seed + 2)
         self.prompt_rng = random.Random(c.seed)
@@ -130,7 +145,7 @@ class Trainer(Run):
         kl = None if self.ref_logp is None or not kl_coef else rollout.behav_logp - self.ref_logp  # (B, T), k1
         if kind == "gae":
             with torch.no_grad():
-                values = self.critic(rollout.input_ids, rollout.attention_mask)  # (B, P+T)
+                values = self.rowwise(lambda r, _: self.critic(r.input_ids, r.attention_mask), rollout)  # (B, P+T)
             p = rollout.prompt_ids.shape[1]
             values = values[:, p - 1 : -1]  # (B, T): V(state before token t)
             token_rewards = token_rewards_from_outcome(rewards, rollout.response_mask, kl, kl_coef)
@@ -138,7 +153,7 @@ class Trainer(Run):
             return batch_whiten(adv, rollout.response_mask), {"values": values, "returns": returns}
         if kind == "seq_value":
             with torch.no_grad():
-                value_logits = self.critic(rollout.prompt_ids, rollout.prompt_mask)  # (B,)
+                value_logits = self.rowwise(lambda r, _: self.critic(r.prompt_ids, r.prompt_mask), rollout)  # (B,)
             return sequence_value_advantages(rewards, torch.sigmoid(value_logits)), {}
         if kind == "group":
             return group_advantages(rewards, c.group_size, adv_norm=c.preset_value("adv_norm", "group"), eps=c.adv_eps), {}
@@ -171,11 +186,28 @@ class Trainer(Run):
         out.metrics.update(metrics)
         return out
 
+    def rowwise(self, forward, rollout: Rollout, routing=None, dim: int = 0):
+        """``forward(rows, their routing)`` over the rollout's rows: all of them in one process; under data
+        parallelism this rank's block, gathered to every rank along ``dim`` (differentiably;
+        :class:`xxpo.train.distributed.DataParallel`). ``forward`` returns a tensor or a tuple of them."""
+        if self.dp is None:
+            return forward(rollout, routing)
+        rows, n = self.dp.rows(len(rollout)), len(rollout)
+        out = forward(rollout.select(rows), None if routing is None else routing[:, rows])
+        if isinstance(out, tuple):
+            return tuple(self.dp.gather(o, n, dim) for o in out)
+        return self.dp.gather(out, n, dim)
+
+    def logprobs(self, model, rollout: Rollout, routing=None, with_entropy: bool = False):
+        """``response_logprobs`` of ``model`` on the rollout (row by row across ranks): ``(B, T)`` [and entropy]."""
+        c = self.config
+        return self.rowwise(lambda r, rt: response_logprobs(model, r, c.temperature, with_entropy=with_entropy, routing=rt,
+                                                            chunk_rows=c.logprob_chunk_rows), rollout, routing)
+
     def recompute(self, rollout: Rollout, routing) -> torch.Tensor:
         """log pi of the rollout's responses under the current weights, before the update: ``(B, T)``, no graph."""
         with torch.no_grad():
-            return response_logprobs(self.policy, rollout, self.config.temperature, routing=routing,
-                                     chunk_rows=self.config.logprob_chunk_rows)
+            return self.logprobs(self.policy, rollout, routing)
 
     def mismatch(self, rollout: Rollout, adv, extra: dict, routing, row: dict, recomputed=None):
         """Measure the sampler-trainer mismatch and, if ``mismatch_correction`` is on, correct it.
@@ -205,12 +237,16 @@ class Trainer(Run):
     def critic_step(self, mb: Rollout, rewards_mb, extra_mb) -> dict:
         c = self.config
         if self.preset.critic == "token":
-            values = self.critic(mb.input_ids, mb.attention_mask)[:, mb.prompt_ids.shape[1] - 1 : -1]  # (b, T)
+            values = self.rowwise(lambda r, _: self.critic(r.input_ids, r.attention_mask), mb)  # (b, P+T)
+            values = values[:, mb.prompt_ids.shape[1] - 1 : -1]  # (b, T)
             out = objectives.value_loss(values, extra_mb["values"], extra_mb["returns"], mb.response_mask, clip_eps=c.value_clip_eps)
         else:  # "prompt"
-            out = objectives.sequence_value_loss(self.critic(mb.prompt_ids, mb.prompt_mask), rewards_mb)
+            value_logits = self.rowwise(lambda r, _: self.critic(r.prompt_ids, r.prompt_mask), mb)  # (b,)
+            out = objectives.sequence_value_loss(value_logits, rewards_mb)
         self.critic_optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.dp:
+            self.dp.sum_gradients(self.critic)
         if c.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), c.grad_clip)
         self.critic_optimizer.step()
@@ -242,6 +278,8 @@ class Trainer(Run):
         c = self.config
         picks = self.prompt_rng.sample(range(len(self.train_examples)), c.prompts_per_step)
         examples = [self.train_examples[i] for i in picks]
+        if self.dp:  # this rank samples the groups of its block of prompts
+            examples = examples[self.dp.rows(len(examples))]
         prompt_ids, prompt_mask = encode_prompts(self.tokenizer, [ex.prompt for ex in examples])
         rollout = self.lagged.sample(
             step, prompt_ids.to(self.device), prompt_mask.to(self.device), num_samples=c.group_size,
@@ -255,7 +293,19 @@ class Trainer(Run):
         correct = torch.tensor([self.task.is_correct(ex, y) for ex, y in zip(rows, texts)], device=self.device)
         if self.overlong_cache is not None:  # DAPO's soft overlong punishment is part of the reward (Sec. 3.4)
             rewards = rewards + objectives.overlong_penalty(rollout.lengths, self.max_new_tokens, self.overlong_cache)
+        if self.dp:
+            return self.gather_round(rows, rollout, rewards, correct)
         return rows, rollout, rewards, correct
+
+    def gather_round(self, rows: list, rollout: Rollout, rewards, correct):
+        """Every rank's groups of one round, in rank order (which is prompt order), on every rank."""
+        parts = self.dp.gather_objects((rows, rollout.to("cpu"), rewards.cpu(), correct.cpu()))
+        offset, rollouts = 0, []
+        for _, part, _, _ in parts:  # each rank numbered its own prompts from 0
+            rollouts.append(dataclasses.replace(part, prompt_index=part.prompt_index + offset))
+            offset += int(part.prompt_index.max()) + 1 if len(part) else 0
+        return ([ex for part in parts for ex in part[0]], Rollout.cat(rollouts).to(self.device),
+                torch.cat([p[2] for p in parts]).to(self.device), torch.cat([p[3] for p in parts]).to(self.device))
 
     def collect(self, step: int, row: dict) -> tuple[Rollout, torch.Tensor]:
         """The step's training batch (rollout, rewards), and its sampling metrics in ``row``.
@@ -327,9 +377,7 @@ class Trainer(Run):
         self.ref_logp, t0 = None, time.perf_counter()
         if self.kl_coef > 0 or step == 0 or (step + 1) % c.eval_every == 0 or step + 1 == c.steps:
             with torch.no_grad():
-                self.ref_logp = token_logprobs(self.reference, rollout.prompt_ids, rollout.prompt_mask,
-                                               rollout.response_ids, rollout.response_mask, temperature=c.temperature,
-                                               chunk_rows=c.logprob_chunk_rows)
+                self.ref_logp = self.logprobs(self.reference, rollout)  # (B, T)
         row["time_reference"] = time.perf_counter() - t0
         row["kl_ref"] = (math.nan if self.ref_logp is None
                          else float(masked_mean(rollout.behav_logp - self.ref_logp, rollout.response_mask)))
@@ -341,7 +389,7 @@ class Trainer(Run):
         routing = None  # Routing Replay: the experts the behaviour policy chose, reused by every training forward
         if c.routing_replay:
             t0 = time.perf_counter()
-            routing = self.lagged.routing(rollout)  # (L, B, P+T, k)
+            routing = self.rowwise(lambda r, _: self.lagged.routing(r), rollout, dim=1)  # (L, B, P+T, k)
             row["time_routing"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         recomputed = None  # log pi of the rollout under the policy at the start of this update, (B, T)
@@ -353,8 +401,9 @@ class Trainer(Run):
             adv = self.mismatch(rollout, adv, extra, routing, row, recomputed)
 
         routing_before = None
+        decisions = lambda r, _: routing_decisions(self.policy, r.input_ids, r.attention_mask)  # noqa: E731  (L, b, P+T, k)
         if c.track_routing and self.is_moe:
-            routing_before = routing_decisions(self.policy, rollout.input_ids, rollout.attention_mask)
+            routing_before = self.rowwise(decisions, rollout, dim=1)
 
         t0 = time.perf_counter()
         mb_metrics: list[dict] = []
@@ -368,12 +417,13 @@ class Trainer(Run):
                 for idx in perm.chunk(n_mb):
                     mb = rollout.select(idx)
                     extra_mb = {k: v[idx] for k, v in extra.items()}
-                    logp, entropy = response_logprobs(self.policy, mb, c.temperature, with_entropy=True,
-                                                      routing=None if routing is None else routing[:, idx],
-                                                      chunk_rows=c.logprob_chunk_rows)
+                    logp, entropy = self.logprobs(self.policy, mb, None if routing is None else routing[:, idx],
+                                                  with_entropy=True)  # (b, T), (b, T)
                     out = self.objective(mb, logp, adv[idx], extra_mb, step)
                     self.optimizer.zero_grad(set_to_none=True)
                     out.loss.backward()
+                    if self.dp:  # each rank's gradient is its rows' share; their sum is the whole minibatch's
+                        self.dp.sum_gradients(self.policy)
                     max_norm = c.grad_clip if c.grad_clip is not None else float("inf")
                     grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_norm)
                     self.optimizer.step()
@@ -389,16 +439,23 @@ class Trainer(Run):
             values = [mm[key] for mm in mb_metrics if key in mm]
             row[key] = max(values) if key.endswith("_max") else min(values) if key.endswith("_min") else sum(values) / len(values)
         if routing_before is not None:
-            row["routing_change"] = routing_change(self.policy, rollout, routing_before)
+            row["routing_change"] = routing_change(rollout, routing_before, self.rowwise(decisions, rollout, dim=1))
         self.lagged.publish(self.policy, step + 1)
         return row
 
     # -------------------------------------------------------------- the run
     def evaluate(self) -> dict:
+        """Greedy held-out accuracy (:func:`xxpo.train.evaluate.evaluate`); across ranks, each decodes its block."""
+        n = min(self.config.eval_n, len(self.task.split("test")))
         self.policy.eval()
         try:
-            return evaluate(self.policy, self.tokenizer, self.task, n=min(self.config.eval_n, len(self.task.split("test"))),
-                            max_new_tokens=self.max_new_tokens)
+            if self.dp is None:
+                return evaluate(self.policy, self.tokenizer, self.task, n=n, max_new_tokens=self.max_new_tokens)
+            examples = fixed_subset(self.task, n)
+            decoded = greedy_decode(self.policy, self.tokenizer, examples[self.dp.rows(len(examples))],
+                                    max_new_tokens=self.max_new_tokens)
+            parts = self.dp.gather_objects(decoded)  # [(texts, lengths)] in rank order
+            return score_responses(self.task, examples, [t for p in parts for t in p[0]], [k for p in parts for k in p[1]])
         finally:
             self.policy.train()
 
@@ -408,16 +465,25 @@ class Trainer(Run):
                 "eval_length_incorrect": scores["mean_length_incorrect"]}
 
     def extra_state(self) -> dict:
-        return {"snapshots": self.lagged.snapshots}
+        if self.dp is None:
+            return {"snapshots": self.lagged.snapshots}
+        return {"snapshots": self.lagged.snapshots, "world_size": self.dp.size,  # each rank's sampling stream
+                "sample_gen_by_rank": self.dp.gather_objects(self.sample_gen.get_state())}
 
     def load_extra_state(self, state: dict) -> None:
+        size = self.dp.size if self.dp else 1
+        if state.get("world_size", 1) != size:
+            raise ValueError(f"the checkpoint was written by {state.get('world_size', 1)} processes; resume it with "
+                             f"as many (this run has {size})")
         self.lagged.snapshots, self.lagged.loaded_version = state["snapshots"], None
+        if self.dp:
+            self.sample_gen.set_state(state["sample_gen_by_rank"][self.dp.rank])
 
     def summary_extra(self, metrics: pd.DataFrame) -> dict:
         c = self.config
         return {"effective_batch": {"prompts": c.prompts_per_step, "group_size": c.group_size,
                                     "minibatches": c.minibatches, "epochs": c.epochs},
-                "max_new_tokens": self.max_new_tokens}
+                "max_new_tokens": self.max_new_tokens, "world_size": self.dp.size if self.dp else 1}
 
 
 def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resume: bool = False, callback=None) -> RunResult:

@@ -79,6 +79,7 @@ from xxpo.rollout import decode_responses, response_logprobs, sample, token_logp
 from xxpo.tasks import encode_prompts, get_task, preference_pairs, preference_prob
 from xxpo.tasks.base import Example, Task
 from xxpo.train.config import TrainConfig
+from xxpo.train.distributed import data_parallel_requested
 from xxpo.train.evaluate import fixed_subset, greedy_decode, score_responses
 from xxpo.train.run import Run, RunResult, load_start, sampling_budget
 
@@ -156,6 +157,9 @@ class PreferenceTrainer(Run):
         self.preset = PRESETS[config.method]
         if not self.preset.is_preference:
             raise ValueError(f"method {config.method!r} is a policy-gradient method: train it with xxpo.train.train")
+        if data_parallel_requested():
+            raise ValueError(f"method {config.method!r} is a preference method, which trains in one process; data "
+                             "parallelism (--nproc / torchrun) runs the policy-gradient loop only")
         self.self_play = self.preset.update == "self_play"
         if self.self_play and config.steps < config.iterations:
             raise ValueError(f"steps must be >= iterations for {config.method}, got steps={config.steps}, "

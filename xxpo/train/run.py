@@ -187,6 +187,7 @@ class Run:
         self.generators: tuple[torch.Generator, ...] = ()
         self.prompt_rng = None
         self.base_info: dict = {}
+        self.dp = None  # xxpo.train.distributed.DataParallel when the subclass trains across processes
 
     # ---------------------------------------------------------------- what a subclass provides
     def step(self, step: int) -> dict:
@@ -246,14 +247,19 @@ class Run:
     def run(self, resume: bool = False) -> RunResult:
         c = self.config
         ckpt = self.out_dir / CHECKPOINT if self.out_dir is not None else None
-        if resume and ckpt is not None and ckpt.is_file():
+        found = resume and ckpt is not None and ckpt.is_file()
+        if self.dp is not None and len(set(self.dp.gather_objects(found))) > 1:
+            raise ValueError(f"{ckpt} is visible to some processes only; resuming needs it on every machine "
+                             "(a shared filesystem)")
+        if found:
             self.restore(ckpt)
         started = time.perf_counter()
         if self.base_eval is None:
             with self.precision():
                 self.base_eval = self.evaluate()
         nan_eval = {k: math.nan for k in self.eval_columns(self.base_eval)}
-        bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not c.progress,
+        writer = self.dp is None or self.dp.is_writer  # under data parallelism rank 0 writes; all ranks hold the rows
+        bar = tqdm(range(self.start_step, c.steps), desc=f"{c.method} seed {c.seed}", disable=not (c.progress and writer),
                    initial=self.start_step, total=c.steps)
         for step in bar:
             t0 = time.perf_counter()
@@ -269,7 +275,9 @@ class Run:
             bar.set_postfix({self.postfix_key: f"{row.get(self.postfix_key, math.nan):.3f}",
                              "acc": f"{row['eval_accuracy']:.2f}"})
             if ckpt is not None and c.checkpoint_every and (step + 1) % c.checkpoint_every == 0:
-                atomic_torch_save(self.state(step), ckpt)
+                state = self.state(step)  # every rank takes part (each has its own sampling stream)
+                if writer:
+                    atomic_torch_save(state, ckpt)
             if self.callback is not None:
                 self.callback(step, row)
         metrics = pd.DataFrame(self.rows)
@@ -288,6 +296,6 @@ class Run:
             "config": c.to_dict(),
             "environment": environment_snapshot(),
         }
-        if self.out_dir is not None:
+        if self.out_dir is not None and writer:
             write_run(self.out_dir, metrics, summary)
         return RunResult(metrics, summary, self.policy, self.tokenizer)
