@@ -1,6 +1,6 @@
 """One process of the data-parallel tests (tests/engine/test_data_parallel.py starts two with torchrun).
 
-For each method it trains ``STEPS`` steps across the processes and rank 0 stores, per step, the global
+For each case it trains ``STEPS`` steps across the processes and rank 0 stores, per step, the global
 batch the step trained on (rollout, rewards, the sampling metrics), then the final weights and the
 metrics; the test replays those batches in ONE process and compares. Every rank also reports how many
 prompts it sampled per round and checks that its weights equal rank 0's. Last, a run killed after step 1
@@ -22,18 +22,28 @@ from xxpo.train import TrainConfig, train
 from xxpo.train.loop import Trainer
 
 STEPS = 3
-# one per normalizer: seq-mean-token-mean (GRPO), token-mean + dynamic sampling + overlong reward (DAPO), a
-# sequence-level ratio (GSPO), a critic with GAE and batch whitening (PPO), a recomputed proximal policy
-# (Decoupled PPO). 7 prompts: the ranks sample 4 and 3 groups.
-METHODS = {
-    "grpo": {},
-    "dapo": {},
-    "gspo": {},
-    "ppo": {"prompts_per_step": 15, "group_size": 1, "minibatches": 3},  # one response per prompt
-    "decoupled_ppo": {"staleness": 1},
+# case -> (method, config overrides). One per normalizer: seq-mean-token-mean (GRPO), token-mean with dynamic
+# sampling and the overlong reward (DAPO), a sequence-level ratio (GSPO), a critic with batch-whitened GAE
+# (PPO), batch-normalized advantages (REINFORCE++); then the extra forwards: a recomputed proximal policy
+# (Decoupled PPO), A-3PO's interpolation under a sampler-trainer mismatch correction, and Routing Replay on an
+# MoE model with the routing change tracked. 7 prompts: the ranks sample 4 and 3 groups.
+CASES = {
+    "grpo": ("grpo", {}),
+    "dapo": ("dapo", {}),
+    "gspo": ("gspo", {}),
+    "ppo": ("ppo", {"prompts_per_step": 15, "group_size": 1, "minibatches": 3}),  # one response per prompt
+    "reinforce_pp": ("reinforce_pp", {}),
+    "decoupled_ppo": ("decoupled_ppo", {"staleness": 1}),
+    "a3po_mismatch": ("a3po", {"staleness": 2, "sampler_logit_noise": 0.5, "mismatch_correction": "token_truncate"}),
+    "moe_routing_replay": ("grpo", {"model": "tiny-moe", "routing_replay": True, "track_routing": True}),
 }
 COMMON = dict(steps=STEPS, prompts_per_step=7, group_size=4, minibatches=2, eval_every=STEPS, eval_n=41,
               progress=False)
+
+
+def case_config(case: str) -> TrainConfig:
+    method, overrides = CASES[case]
+    return TrainConfig.from_preset(method, **{**COMMON, **overrides})
 
 
 class RecordingTrainer(Trainer):
@@ -68,10 +78,10 @@ class Killed(Exception):
 
 
 def main(out: Path) -> None:
-    for method, overrides in METHODS.items():
-        record_dir = out / method
+    for case in CASES:
+        record_dir = out / case
         record_dir.mkdir(parents=True, exist_ok=True)
-        config = TrainConfig.from_preset(method, **{**COMMON, **overrides})
+        config = case_config(case)
         trainer = RecordingTrainer(config, record_dir)
         result = trainer.run()
         weights = flat_weights(trainer)

@@ -1,11 +1,12 @@
 """Data-parallel training (xxpo.train.distributed) equals one process on the same global batch.
 
-Two CPU processes (gloo, started by torchrun) train each method of ``data_parallel_worker.METHODS`` for a
+Two CPU processes (gloo, started by torchrun) train each case of ``data_parallel_worker.CASES`` for a
 few steps and store every step's global batch. One process then trains the same config on those same
 batches (the replay below) and must end with the same weights and the same per-step metrics, up to float
 rounding: the forwards ran on halves of the batch there and the gradients were summed across processes.
-The methods cover the normalizers where data parallelism goes wrong (token-mean, seq-mean-token-mean,
-a sequence-level ratio, a critic with batch-whitened GAE) plus dynamic sampling and a proximal recompute.
+The cases cover the normalizers where data parallelism goes wrong (token-mean, seq-mean-token-mean,
+a sequence-level ratio, batch-whitened GAE and batch-normalized advantages) and every extra forward the
+loop runs across ranks (critic, proximal recompute, mismatch correction, Routing Replay on an MoE model).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import pandas as pd
 import pytest
 import torch
 
-from data_parallel_worker import COMMON, METHODS, STEPS
+from data_parallel_worker import CASES, STEPS, case_config
 from xxpo.train import TrainConfig
 from xxpo.train.distributed import DataParallel
 from xxpo.train.loop import Trainer
@@ -41,7 +42,8 @@ def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def record(tmp_path_factory) -> Path:
     """The worker's output directory after two processes ran it."""
-    base_model(TrainConfig().task, "tiny", seed=0)  # the SFT base every process loads (trained once, cached)
+    for model in ("tiny", "tiny-moe"):  # the SFT bases the processes load (trained once, cached)
+        base_model(TrainConfig().task, model, seed=0)
     out = tmp_path_factory.mktemp("data_parallel")
     done = torchrun(2, str(WORKER), str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
@@ -65,10 +67,10 @@ def compared(metrics: pd.DataFrame) -> pd.DataFrame:
     return metrics[[c for c in metrics.columns if not c.startswith(NOT_COMPARED)]]
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_two_processes_equal_one_process_on_the_same_global_batch(record, method):
-    record_dir = record / method
-    config = TrainConfig.from_preset(method, **{**COMMON, **METHODS[method]})
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_equal_one_process_on_the_same_global_batch(record, case):
+    record_dir = record / case
+    config = case_config(case)
     assert DataParallel.from_env(torch.device("cpu")) is None  # this pytest process is one process
     replay = ReplayTrainer(config, record_dir)
     one = replay.run()
