@@ -43,3 +43,12 @@ def test_logprob_memory_small_prints_the_ratio_line():
     last = out.strip().splitlines()[-1]
     assert re.fullmatch(r"chunked/naive extra-memory ratio: \d+\.\d\d\d", last), last
     assert "| xxpo-chunked |" in out and "| trl-chunked |" in out
+
+
+@pytest.mark.slow
+def test_data_parallel_prints_the_ratio_line():
+    out = run_script("benchmarks/data_parallel.py", "--model", "tiny", "--steps", "3", "--warmup", "1", "--repeats", "1",
+                     "--prompts", "4", "--group-size", "2")
+    last = out.strip().splitlines()[-1]
+    assert re.fullmatch(r"1-process/2-process seconds-per-step ratio: \d+\.\d\d", last), last
+    assert "time_update" in out

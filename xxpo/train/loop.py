@@ -18,6 +18,11 @@ proximal policy, dynamic sampling; the loop never looks at a method's name. TRPO
 the optimizer step with ``trpo_step``. Everything a step
 measures is one row of the metrics DataFrame; what surrounds the step (resume, evaluation cadence,
 checkpoints, result files) is :class:`xxpo.train.run.Run`, shared with the preference trainer.
+
+Across N processes (``xxpo train --nproc N`` or torchrun; :mod:`xxpo.train.distributed`) each samples the
+groups of its block of the step's prompts and the rollout is gathered; every forward over rollout rows goes
+through :meth:`Trainer.rowwise` (this process's rows, gathered), the objective sees the whole minibatch, and
+the gradients are summed across processes before the optimizer step.
 """
 
 from __future__ import annotations
