@@ -27,6 +27,8 @@ from xxpo.train.distributed import DataParallel
 from xxpo.train.loop import Trainer
 from xxpo.train.sft import base_model
 
+pytestmark = pytest.mark.xdist_group("data_parallel")  # one worker runs the module: the record is made once
+
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
 NOT_COMPARED = ("time_", "tokens_per_second")  # wall-clock columns

@@ -65,13 +65,14 @@ class DataParallel:
     """This process's place among the ranks, and the four collectives the RL loop needs."""
 
     def __init__(self, device: torch.device):
+        self.device = device
+        if device.type == "cuda":  # one GPU per process on each machine, chosen before NCCL starts
+            local_rank = os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))
+            self.device = torch.device("cuda", int(local_rank) % torch.cuda.device_count())
+            torch.cuda.set_device(self.device)
         if not dist.is_initialized():
             dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         self.rank, self.size = dist.get_rank(), dist.get_world_size()
-        self.device = device
-        if device.type == "cuda":  # one GPU per process on each machine
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", self.rank % torch.cuda.device_count())))
-            torch.cuda.set_device(self.device)
 
     @classmethod
     def from_env(cls, device: torch.device) -> DataParallel | None:
