@@ -239,6 +239,9 @@ def sample(
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
 
     device = next(model.parameters()).device
+    if generator is not None and not greedy and generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model samples on {device}: torch.multinomial "
+                         f"needs a generator of the model's device, e.g. torch.Generator(device={str(device)!r})")
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()  # (N, P)
     was_training = model.training
     model.eval()
@@ -313,8 +316,8 @@ def _decode(
     for step in range(max_new_tokens):
         logits = logits.float() if temperature == 1.0 else logits.float() / temperature  # (B, V)
         if logit_noise and not greedy:  # the sampler's own numerics: mu = softmax(logits / T + noise)
-            noise = torch.randn(logits.shape, generator=generator, device=generator.device if generator is not None else "cpu")
-            logits = logits + logit_noise * noise.to(logits.device)  # (B, V)
+            noise = torch.randn(logits.shape, generator=generator, device=logits.device)  # (B, V)
+            logits = logits + logit_noise * noise  # (B, V)
         if greedy:
             token = logits.argmax(-1)  # (B,)
         else:

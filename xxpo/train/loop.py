@@ -130,8 +130,10 @@ class Trainer(Run):
         self.max_sampling_rounds = c.preset_value("max_sampling_rounds", 10)
         buffer = c.preset_value("overlong_buffer")
         self.overlong_cache = max(1, round(buffer * self.max_new_tokens)) if buffer else None  # DAPO's L_cache
-        # each rank draws its responses from its own stream; rank 0's is the one-process stream
-        self.sample_gen = torch.Generator().manual_seed(c.seed + (self.dp.rank * SAMPLING_SEED_STRIDE if self.dp else 0))
+        # on the sampling device (torch.multinomial on CUDA needs a CUDA generator); each rank draws its responses
+        # from its own stream, rank 0's being the one-process stream
+        seed = c.seed + (self.dp.rank * SAMPLING_SEED_STRIDE if self.dp else 0)
+        self.sample_gen = torch.Generator(device=self.device).manual_seed(seed)
         self.shuffle_gen = torch.Generator().manual_seed(c.seed + 1)
         self.lag_gen = torch.Generator().manual_seed(c.seed + 2)
         self.prompt_rng = random.Random(c.seed)
