@@ -1,5 +1,6 @@
-"""Shared fixtures: an independent plain-Python oracle for the objectives, batch builders, and the
-engine tests' tokenizer and freshly built tiny models (one per test module).
+"""Shared fixtures: an independent plain-Python oracle for the objectives, batch builders, the
+engine tests' tokenizer and freshly built tiny models (one per test module), and a local Hugging Face
+model directory with a JSONL task (the inputs of the notebooks' gpu profile, built offline).
 
 The oracle (fixture ``ref``) recomputes every loss, gradient and metric from the formulas in
 ``shared/reference/algorithms.md`` with Python floats and loops. It never calls ``xxpo``, so a test
@@ -593,3 +594,65 @@ def dense(tok):
 @pytest.fixture(scope="module")
 def moe(tok):
     return build_model(MODEL_PRESETS["tiny-moe"], tok, seed=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# a local Hugging Face model directory and a JSONL task: the gpu profile's inputs, built offline
+# --------------------------------------------------------------------------------------------------
+#
+# The directory holds a byte-level BPE tokenizer trained on the fly with the ``tokenizers`` library (a
+# real ``tokenizer.json``) with a Qwen-style chat template, and a randomly initialised tiny Qwen2 model
+# saved in bfloat16, as released checkpoints are. Its output layer is zero, so its first samples are
+# uniform over the vocabulary whatever the float rounding: about one response in ten ends with the right
+# single-digit answer, GRPO's groups get reward variance, and the update has a real gradient.
+
+LOCAL_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LOCAL_CONTEXT = 96  # max_position_embeddings of the saved model: smaller than the JSONL task's default budget
+
+
+def single_digit_sums(n):
+    """``n`` JSONL records ``{"prompt", "answer"}`` whose answers are GSM8K-style worked solutions ``... #### k``."""
+    pairs = [(a, b) for a in range(10) for b in range(10 - a)][:n]
+    return [{"prompt": f"What is {a} plus {b}?", "answer": f"{a} + {b} = {a + b}\n#### {a + b}"} for a, b in pairs]
+
+
+@pytest.fixture(scope="session")
+def jsonl_data(tmp_path_factory):
+    """A JSONL task file of 30 single-digit sums (``jsonl:PATH`` holds out 3 of them as the test split)."""
+    import json
+
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in single_digit_sums(30)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def local_model_dir(tmp_path_factory):
+    """A saved tiny Qwen2 model directory with its own tokenizer and chat template (context LOCAL_CONTEXT)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny-qwen2")
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    core.train_from_iterator([r["prompt"] + " " + r["answer"] for r in single_digit_sums(30)], trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        chat_template=LOCAL_CHAT_TEMPLATE)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=LOCAL_CONTEXT,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # uniform first samples (see above)
+    model.to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert (path / "tokenizer.json").is_file()
+    return path
