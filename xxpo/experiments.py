@@ -76,6 +76,69 @@ __all__ = ["CLAIMS", "VERDICT_MIME", "Claim", "GridResult", "PaperClaim", "Rules
 
 
 # --------------------------------------------------------------------------------------------------
+# A notebook's parameters
+# --------------------------------------------------------------------------------------------------
+
+
+def _fits(value, like, zero_ok: bool = False) -> bool:
+    """Whether ``value`` has the form of a profile's value ``like``: a non-empty list of such values, a dict with
+    the same keys, an int >= 1 (>= 0 where the profile's own list holds a 0), a positive finite float, or a
+    value of the same type (a non-empty string)."""
+    if isinstance(like, dict):
+        return isinstance(value, dict) and set(value) == set(like) and all(_fits(value[k], like[k]) for k in like)
+    if isinstance(like, list):
+        return isinstance(value, list) and len(value) > 0 and all(_fits(v, like[0], 0 in like) for v in value)
+    if isinstance(value, bool) or isinstance(like, bool):
+        return type(value) is type(like)
+    if isinstance(like, int):
+        return isinstance(value, int) and value >= (0 if zero_ok or like == 0 else 1)
+    if isinstance(like, float):
+        return isinstance(value, (int, float)) and 0 < value < math.inf
+    return isinstance(value, type(like)) and bool(value)
+
+
+def profile_with_overrides(profile: dict, overrides: dict | None, *, name: str, own: Sequence[str] = ()) -> dict:
+    """A notebook's profile ``profile`` (named ``name``) with its ``profile_overrides`` parameter merged in.
+
+    Every key of ``overrides`` must be a key of the profile, not one of ``own`` (keys the notebook sets with
+    a parameter of their own, such as ``seeds`` or ``model``), and its value must have the form of the
+    profile's value (:func:`_fits`); otherwise a ``ValueError`` names the key. ``None`` changes nothing.
+    """
+    if overrides is None:
+        return dict(profile)
+    if not isinstance(overrides, dict):
+        raise ValueError(f"profile_overrides must be a dict {{profile key: value}}, got {overrides!r}")
+    for key, value in overrides.items():
+        if key in own:
+            raise ValueError(f"profile_overrides[{key!r}]: set {key} with its own notebook parameter")
+        if key not in profile:
+            raise ValueError(f"profile_overrides has an unknown key {key!r}; the keys of profile {name!r} are "
+                             f"{sorted(k for k in profile if k not in own)}")
+        if not _fits(value, profile[key]):
+            raise ValueError(f"profile_overrides[{key!r}] must have the form of the profile's value {profile[key]!r} "
+                             f"(positive numbers, non-empty lists), got {value!r}")
+    return {**profile, **overrides}
+
+
+def check_jsonl_task(task: str, model: str, parameter: str = "task") -> None:
+    """For a JSONL task, stop a notebook before its first run when it cannot start: the model must be a local
+    model directory (a JSONL task has no SFT base model) and the files must parse (a bad line is reported
+    now, not in the first run). ``ValueError`` naming ``parameter``; a built-in task passes."""
+    from xxpo.tasks import get_task
+    from xxpo.tasks.jsonl import is_jsonl_spec
+
+    if not is_jsonl_spec(task):
+        return
+    if not os.path.isdir(os.path.expanduser(model)):
+        raise ValueError(f"{parameter}={task!r} is a JSONL task, which has no SFT base model: model must be a "
+                         f"local Hugging Face model directory, got model={model!r}")
+    try:
+        get_task(task)
+    except ValueError as err:
+        raise ValueError(f"{parameter}={task!r}: {err}") from None
+
+
+# --------------------------------------------------------------------------------------------------
 # The grid: arms x seeds, cached on disk
 # --------------------------------------------------------------------------------------------------
 

@@ -364,3 +364,41 @@ def test_the_module_docstring_example_runs(monkeypatch, capsys):
     assert scope["tuned"].chosen == {"GRPO": {"lr": 3e-4}, "GSPO": {"lr": 3e-4}}
     printed = capsys.readouterr().out
     assert "C6a" in printed and "C6b" in printed and "reproduced" in printed
+
+
+def test_profile_overrides_merge_checked_values_and_name_bad_keys():
+    from xxpo.experiments import profile_with_overrides
+
+    profile = {"seeds": [0, 1], "prompts": 16, "lrs": [1e-4, 3e-4], "steps": {"a": 2, "b": 3}, "etas": [0, 2], "task": "add2"}
+    merged = profile_with_overrides(profile, {"prompts": 4, "lrs": [1e-3], "steps": {"a": 1, "b": 1}, "etas": [0]},
+                                    name="gpu", own=("seeds",))
+    assert merged == {**profile, "prompts": 4, "lrs": [1e-3], "steps": {"a": 1, "b": 1}, "etas": [0]}
+    assert profile["prompts"] == 16  # the profile itself is not changed
+    assert profile_with_overrides(profile, None, name="gpu") == profile
+    for overrides, match in [({"seeds": [3]}, r"profile_overrides\['seeds'\]: set seeds with its own"),
+                             ({"prompt": 4}, r"unknown key 'prompt'.*'prompts'"),
+                             ({"prompts": 0}, r"profile_overrides\['prompts'\] must have the form"),
+                             ({"prompts": True}, r"profile_overrides\['prompts'\]"),
+                             ({"lrs": []}, r"profile_overrides\['lrs'\]"),
+                             ({"lrs": [-1e-3]}, r"profile_overrides\['lrs'\]"),
+                             ({"steps": {"a": 1}}, r"profile_overrides\['steps'\]"),
+                             ({"task": ""}, r"profile_overrides\['task'\]")]:
+        with pytest.raises(ValueError, match=match):
+            profile_with_overrides(profile, overrides, name="gpu", own=("seeds",))
+    with pytest.raises(ValueError, match="profile_overrides must be a dict"):
+        profile_with_overrides(profile, [("prompts", 4)], name="gpu")
+
+
+def test_a_jsonl_task_needs_a_model_directory_and_files_that_parse(tmp_path):
+    from xxpo.experiments import check_jsonl_task
+
+    check_jsonl_task("add2", "tiny")  # a built-in task passes with a preset
+    good = tmp_path / "good.jsonl"
+    good.write_text("".join(f'{{"prompt": "What is {i} plus 1?", "answer": {i + 1}}}\n' for i in range(20)))
+    with pytest.raises(ValueError, match=r"^tasks='jsonl:.*' is a JSONL task, which has no SFT base model: model must"):
+        check_jsonl_task(f"jsonl:{good}", "tiny", "tasks")
+    check_jsonl_task(f"jsonl:{good}", str(tmp_path))  # a directory: passes
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "What is 1 plus 1?"}\n')
+    with pytest.raises(ValueError, match=r"^task='jsonl:.*bad.jsonl': .*line 1.*answer"):
+        check_jsonl_task(f"jsonl:{bad}", str(tmp_path))
