@@ -146,3 +146,39 @@ def test_trpo_updates_several_parameter_tensors_in_place():
         assert kl().item() <= 0.02 * (1 + 1e-9)
         assert surrogate().item() > j0
     assert w.requires_grad and b.requires_grad
+
+
+def test_kl_and_fisher_product_from_hidden_states_match_the_explicit_softmax():
+    from xxpo.functional import fisher_product_from_hidden, kl_from_hidden
+
+    g = torch.Generator().manual_seed(0)
+    n, h, v, temperature = 7, 5, 11, 0.7
+    hid, w, b = (torch.randn(n, h, generator=g, dtype=torch.float64), torch.randn(v, h, generator=g, dtype=torch.float64),
+                 torch.randn(v, generator=g, dtype=torch.float64))
+    hid2, w2, b2 = hid + 0.3 * torch.randn_like(hid), w + 0.3 * torch.randn_like(w), b + 0.3 * torch.randn_like(b)
+
+    def logp(x, weight, bias):
+        return ((x @ weight.t() + bias) / temperature).log_softmax(-1)  # (n, V), built explicitly
+
+    expected = (logp(hid, w, b).exp() * (logp(hid, w, b) - logp(hid2, w2, b2))).sum(-1)
+    for rows in (None, 1, 3):
+        got = kl_from_hidden(hid, w, hid2, w2, old_bias=b, bias=b2, temperature=temperature, chunk_rows=rows)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+    # the Fisher product is the Hessian-vector product of sum_rows KL(p_old || p) at p = p_old, by double backward
+    d = [torch.randn_like(x) for x in (hid, w, b)]
+    x = [t.clone().requires_grad_(True) for t in (hid, w, b)]
+    old = logp(hid, w, b).detach()
+    kl = (old.exp() * (old - logp(*x))).sum()
+    grads = torch.autograd.grad(kl, x, create_graph=True)
+    hvp = torch.autograd.grad(sum((gi * di).sum() for gi, di in zip(grads, d)), x)
+    for rows in (None, 2):
+        got = fisher_product_from_hidden(hid, w, d[0], d[1], bias=b, d_bias=d[2], temperature=temperature, chunk_rows=rows)
+        for a, e in zip(got, hvp):
+            torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+    no_bias = fisher_product_from_hidden(hid, w, d[0], d[1], temperature=temperature)
+    assert no_bias[2] is None
+    with pytest.raises(ValueError, match="d_bias"):
+        fisher_product_from_hidden(hid, w, d[0], d[1], bias=b, temperature=temperature)
+    with pytest.raises(ValueError, match="weight"):
+        kl_from_hidden(hid, w, hid2, w2[:, :3], temperature=temperature)

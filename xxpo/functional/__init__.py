@@ -12,7 +12,13 @@ from xxpo.functional.advantages import (
 )
 from xxpo.functional.aggregation import LOSS_AGG_MODES, aggregate, masked_mean, masked_sum
 from xxpo.functional.kl import KL_ESTIMATORS, is_corrected_k3, kl_penalty
-from xxpo.functional.logprobs import entropy_from_logits, logprobs_from_hidden, selective_log_softmax
+from xxpo.functional.logprobs import (
+    entropy_from_logits,
+    fisher_product_from_hidden,
+    kl_from_hidden,
+    logprobs_from_hidden,
+    selective_log_softmax,
+)
 from xxpo.functional.ratios import LOG_RATIO_CLAMP, sequence_log_ratio, token_log_ratio
 
 __all__ = [
@@ -23,9 +29,11 @@ __all__ = [
     "aggregate",
     "batch_whiten",
     "entropy_from_logits",
+    "fisher_product_from_hidden",
     "gae",
     "group_advantages",
     "is_corrected_k3",
+    "kl_from_hidden",
     "kl_penalty",
     "leave_one_out_advantages",
     "logprobs_from_hidden",

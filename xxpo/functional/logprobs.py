@@ -268,3 +268,114 @@ def logprobs_from_hidden(
     if not with_entropy:
         return unflatten(logp)
     return unflatten(logp), unflatten(entropy)
+
+
+# --------------------------------------------------------------------------------------------------
+# From hidden states: TRPO's exact KL over the vocabulary and its Fisher product, one chunk of rows at a time
+# --------------------------------------------------------------------------------------------------
+
+SOFTMAX_CHUNK_ELEMENTS = 2**24
+"""Logits per chunk of :func:`kl_from_hidden` and :func:`fisher_product_from_hidden`: rows are taken
+``max(1, SOFTMAX_CHUNK_ELEMENTS // V)`` at a time (110 rows at V = 151,936: 64 MB of float32 logits)."""
+
+
+def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    check_tensor(name, hidden, ndim=2, finite=False)
+    check_tensor("weight", weight, ndim=2, finite=False)
+    if weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"weight must have shape (V, {hidden.shape[1]}), got {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]):
+        raise ValueError(f"bias must be None or a tensor of shape ({weight.shape[0]},)")
+
+
+def _chunk_rows(n: int, vocab: int, chunk_rows: int | None) -> int:
+    rows = max(1, SOFTMAX_CHUNK_ELEMENTS // vocab) if chunk_rows is None else chunk_rows
+    check_number("chunk_rows", rows, low=1)
+    return max(1, min(int(rows), n))
+
+
+def kl_from_hidden(
+    old_hidden: torch.Tensor,
+    old_weight: torch.Tensor,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    old_bias: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+) -> torch.Tensor:
+    """Exact KL(p_old || p) over the whole vocabulary for each row, ``(N,)``, without ``(N, V)`` logits.
+
+    ``p_old = softmax((old_hidden old_weight^T + old_bias) / temperature)`` and ``p`` likewise, for
+    hidden states ``(N, H)`` and LM heads ``(V, H)``, ``(V,)``: the KL constraint of TRPO (Schulman et
+    al. 2015, Eq. 12) at each response token. ``chunk_rows`` rows at a time (default: ``V`` times that
+    under :data:`SOFTMAX_CHUNK_ELEMENTS`), in float32 (float64 for float64 input). Differentiable.
+    """
+    _check_head("old_hidden", old_hidden, old_weight, old_bias)
+    _check_head("hidden", hidden, weight, bias)
+    if old_hidden.shape[0] != hidden.shape[0] or old_weight.shape != weight.shape:
+        raise ValueError(f"old and new must have the same shapes, got hidden {tuple(old_hidden.shape)} and "
+                         f"{tuple(hidden.shape)}, weight {tuple(old_weight.shape)} and {tuple(weight.shape)}")
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    math_dtype = _math_dtype(hidden)
+    rows = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_rows)
+    pieces = []
+    for start in range(0, hidden.shape[0], rows):
+        old = _tile_logits(old_hidden[start : start + rows], old_weight, old_bias, temperature, math_dtype)
+        old = old.log_softmax(-1)  # (n, V)
+        new = _tile_logits(hidden[start : start + rows], weight, bias, temperature, math_dtype).log_softmax(-1)
+        pieces.append((old.exp() * (old - new)).sum(-1))  # (n,)
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=math_dtype)
+
+
+@torch.no_grad()
+def fisher_product_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    d_hidden: torch.Tensor,
+    d_weight: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    d_bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The softmax head's share of a Fisher-vector product, ``J^T F J d``, without ``(N, V)`` logits.
+
+    With logits ``z = (h W^T + b) / temperature`` per row and ``p = softmax(z)``, the Hessian of
+    ``KL(p_old || p)`` in ``z`` at ``p = p_old`` is the Fisher matrix ``F = diag(p) - p p^T``. For a
+    direction ``d = (d_hidden (N, H), d_weight (V, H), d_bias (V,))`` this returns the cotangents of
+    ``F dz`` with ``dz = (d_hidden W^T + h d_weight^T + d_bias) / temperature``: ``(g_hidden (N, H),
+    g_weight (V, H), g_bias (V,) or None)``, summed over rows. Back-propagating ``g_hidden`` through the
+    network that made ``hidden`` and adding ``g_weight``, ``g_bias`` gives the Fisher-vector product of
+    TRPO's conjugate gradient (Schulman et al. 2015, Appendix C). ``chunk_rows`` as in :func:`kl_from_hidden`.
+    """
+    _check_head("hidden", hidden, weight, bias)
+    check_tensor("d_hidden", d_hidden, ndim=2, finite=False)
+    check_tensor("d_weight", d_weight, ndim=2, finite=False)
+    if d_hidden.shape != hidden.shape or d_weight.shape != weight.shape:
+        raise ValueError(f"d_hidden and d_weight must have the shapes of hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)}, got {tuple(d_hidden.shape)} and {tuple(d_weight.shape)}")
+    if (bias is None) != (d_bias is None) or (d_bias is not None and d_bias.shape != bias.shape):
+        raise ValueError("d_bias must be given exactly when bias is, with its shape")
+    check_number("temperature", temperature, low=0.0, low_inclusive=False)
+    math_dtype = _math_dtype(hidden)
+    rows = _chunk_rows(hidden.shape[0], weight.shape[0], chunk_rows)
+    w, dw = weight.to(math_dtype), d_weight.to(math_dtype)
+    g_hidden = torch.empty(hidden.shape, dtype=math_dtype, device=hidden.device)
+    g_weight = torch.zeros_like(w)
+    g_bias = None if bias is None else torch.zeros(bias.shape, dtype=math_dtype, device=bias.device)
+    for start in range(0, hidden.shape[0], rows):
+        h = hidden[start : start + rows].to(math_dtype)  # (n, H)
+        p = _tile_logits(h, w, None if bias is None else bias.to(math_dtype), temperature, math_dtype).softmax(-1)
+        dz = d_hidden[start : start + rows].to(math_dtype) @ w.t() + h @ dw.t()  # (n, V)
+        if d_bias is not None:
+            dz = dz + d_bias.to(math_dtype)
+        dz = dz / temperature
+        f_dz = p * (dz - (p * dz).sum(-1, keepdim=True)) / temperature  # (n, V) F dz, and the 1/T of z's Jacobian
+        g_hidden[start : start + rows] = f_dz @ w
+        g_weight += f_dz.t() @ h
+        if g_bias is not None:
+            g_bias += f_dz.sum(0)
+    return g_hidden, g_weight, g_bias

@@ -55,12 +55,19 @@ def trpo_step(
     damping: float = 0.1,
     backtrack_iters: int = 10,
     backtrack_coeff: float = 0.8,
+    fisher_vector_product: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> LossOutput:
     """One TRPO update of ``params`` in place.
 
     surrogate_fn() -> scalar surrogate L to maximize; kl_fn() -> scalar mean KL(pi_old || pi_theta),
     both recomputed from the current ``params``. Metrics: kl, surrogate_gain, backtracks, accepted,
     step_norm. If no step passes the line search the parameters are restored (accepted = 0).
+
+    ``fisher_vector_product``: ``v -> H v`` for flat ``v`` (the params concatenated), H the Hessian of
+    kl_fn at the current params, i.e. the Fisher matrix at theta_old. Default (None): the double backward
+    through ``kl_fn()``, which keeps the KL's whole graph; a caller that can form the product more cheaply
+    (from hidden states, :func:`xxpo.functional.fisher_product_from_hidden`) passes it, and kl_fn is then
+    only evaluated, in the line search.
     """
     params = list(params)
     if not params or not all(isinstance(p, torch.Tensor) and p.requires_grad for p in params):
@@ -73,10 +80,14 @@ def trpo_step(
 
     surrogate = surrogate_fn()
     g = _flat(torch.autograd.grad(surrogate, params, allow_unused=False)).detach()
-    grad_kl = _flat(torch.autograd.grad(kl_fn(), params, create_graph=True))
+    if fisher_vector_product is None:
+        grad_kl = _flat(torch.autograd.grad(kl_fn(), params, create_graph=True))
+
+        def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
+            return _flat(torch.autograd.grad(grad_kl @ v, params, retain_graph=True)).detach()
 
     def hvp(v: torch.Tensor) -> torch.Tensor:
-        return _flat(torch.autograd.grad(grad_kl @ v, params, retain_graph=True)).detach() + damping * v
+        return fisher_vector_product(v) + damping * v
 
     x = conjugate_gradient(hvp, g, cg_iters)
     xhx = (x @ hvp(x)).clamp(min=1e-12)

@@ -48,12 +48,15 @@ from xxpo.functional import (
     masked_mean,
     masked_sum,
     reinforce_pp_advantages,
+    fisher_product_from_hidden,
+    kl_from_hidden,
     selective_log_softmax,
     sequence_value_advantages,
     token_rewards_from_outcome,
 )
 from xxpo.models import PromptValueModel, ValueModel, resolve_device, routing_decisions
-from xxpo.rollout import LaggedPolicy, Rollout, decode_responses, response_logits, response_logprobs
+from xxpo.rollout import (LaggedPolicy, Rollout, decode_responses, lm_head_of, response_hidden, response_logits,
+                          response_logprobs, uses_chunked_logprobs)
 from xxpo.tasks import encode_prompts, get_task
 from xxpo.presets import PRESETS
 from xxpo.train.config import TrainConfig
@@ -67,6 +70,63 @@ def full_logprobs(model, rollout: Rollout, temperature: float) -> torch.Tensor:
     logits = response_logits(model, rollout.prompt_ids, rollout.prompt_mask.long(), rollout.response_ids,
                              rollout.response_mask.long())  # (B, T, V)
     return (logits.float() / temperature).log_softmax(-1)
+
+
+def trpo_from_hidden(model, rollout: Rollout, adv: torch.Tensor, temperature: float, chunk_rows: int | None):
+    """TRPO's surrogate, exact KL and Fisher-vector product from hidden states: no ``(B, T, V)`` tensor.
+
+    For a real vocabulary. The old policy is kept as its hidden states on the real response tokens ``(N, H)``
+    and a copy of its LM head; the KL over the vocabulary (:func:`xxpo.functional.kl_from_hidden`) and the
+    head's share of the Fisher product (:func:`xxpo.functional.fisher_product_from_hidden`) go a chunk of
+    rows at a time. The Fisher product ``J^T F J v`` is formed at theta_old, where it equals the Hessian of
+    the KL: ``J v`` of the hidden states by the double-backward trick (the gradient of ``(J^T u) . v`` in
+    ``u``), the head's ``F J v`` in chunks, then one backward pass of its cotangent. Returns
+    ``(surrogate_fn, kl_fn, fisher_vector_product)`` for :func:`xxpo.objectives.trpo_step`; ``adv`` ``(B, T)``.
+    """
+    m = rollout.response_mask
+    real = m.bool()  # (B, T)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weight, bias = lm_head_of(model)
+    head_index = {id(p): i for i, p in enumerate(params)}
+
+    def hidden() -> torch.Tensor:
+        states = response_hidden(model, rollout.prompt_ids, rollout.prompt_mask.long(), rollout.response_ids, m.long())
+        return states[real]  # (N, H)
+
+    base = hidden()  # (N, H), with its graph: the Fisher matrix's base point theta_old
+    old_hidden, old_weight = base.detach(), weight.detach().clone()
+    old_bias = None if bias is None else bias.detach().clone()
+    with torch.no_grad():
+        old_logp = response_logprobs(model, rollout, temperature, chunk_rows=chunk_rows)  # (B, T)
+    n_tokens = base.shape[0]
+
+    def surrogate():
+        logp = response_logprobs(model, rollout, temperature, chunk_rows=chunk_rows)  # (B, T)
+        return aggregate(torch.exp(logp - old_logp) * adv, m, "token-mean")
+
+    def kl():  # evaluated in the line search only
+        return kl_from_hidden(old_hidden, old_weight, hidden(), weight, old_bias=old_bias, bias=bias,
+                              temperature=temperature).sum() / n_tokens
+
+    def fisher_vector_product(v: torch.Tensor) -> torch.Tensor:
+        vs = list(torch.split(v, [p.numel() for p in params]))
+        vs = [x.view_as(p) for x, p in zip(vs, params)]
+        u = torch.zeros_like(base, requires_grad=True)  # (N, H)
+        jt_u = torch.autograd.grad(base, params, grad_outputs=u, create_graph=True, allow_unused=True)
+        jv = sum((g * x).sum() for g, x in zip(jt_u, vs) if g is not None)
+        d_hidden = torch.autograd.grad(jv, u)[0]  # (N, H) J v
+        d_bias = None if bias is None else vs[head_index[id(bias)]]
+        g_hidden, g_weight, g_bias = fisher_product_from_hidden(
+            base.detach(), weight.detach(), d_hidden, vs[head_index[id(weight)]], bias=None if bias is None else bias.detach(),
+            d_bias=d_bias, temperature=temperature)
+        grads = torch.autograd.grad(base, params, grad_outputs=g_hidden.to(base.dtype), retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+        grads[head_index[id(weight)]] = grads[head_index[id(weight)]] + g_weight
+        if g_bias is not None:
+            grads[head_index[id(bias)]] = grads[head_index[id(bias)]] + g_bias
+        return torch.cat([g.reshape(-1) for g in grads]).detach() / n_tokens
+
+    return surrogate, kl, fisher_vector_product
 
 
 def routing_change(rollout: Rollout, before: torch.Tensor, after: torch.Tensor) -> float:
@@ -261,6 +321,14 @@ class Trainer(Run):
 
     def trpo_update(self, rollout: Rollout, adv) -> dict:
         c, m = self.config, rollout.response_mask
+        head = lm_head_of(self.policy) if c.logprob_chunk_rows != 0 else None
+        if head is not None and uses_chunked_logprobs(m.numel(), head[0].shape[0], c.logprob_chunk_rows):
+            with sdpa_kernel(SDPBackend.MATH):  # a real vocabulary: no (B, T, V) tensor
+                parts = trpo_from_hidden(self.policy, rollout, adv, c.temperature, c.logprob_chunk_rows)
+                params = [p for p in self.policy.parameters() if p.requires_grad]
+                out = self.loss_fn(params, parts[0], parts[1], fisher_vector_product=parts[2],
+                                   **self.config.objective_kwargs())
+            return {k: float(v) for k, v in out.metrics.items()}
         with torch.no_grad():
             old_full = full_logprobs(self.policy, rollout, c.temperature)  # (B, T, V)
         old_logp = old_full.gather(-1, rollout.response_ids.unsqueeze(-1)).squeeze(-1)  # (B, T)
