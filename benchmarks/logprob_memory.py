@@ -74,6 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="Also one whole GRPO step (sampling + update) of xxpo's Trainer against TRL's GRPOTrainer on "
                         "the same model: PROMPTS x G completions of exactly TOKENS tokens (a random model never "
                         "samples EOS), e.g. 4 4 128")
+    p.add_argument("--trpo-step", type=int, nargs=2, default=None, metavar=("PROMPTS", "TOKENS"),
+                   help="Also one whole TRPO step (sampling, critic, conjugate-gradient update with the exact KL) of "
+                        "xxpo's Trainer, from hidden states against the full-vocabulary path: PROMPTS responses of "
+                        "TOKENS tokens, e.g. 8 64")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -208,7 +212,7 @@ def child(args) -> None:
         del x
         print(json.dumps({"calibration": peak}), flush=True)
         return
-    if args.child.startswith("grpo:"):
+    if args.child.startswith(("grpo:", "trpo:")):
         grpo_child(args)
         return
     keep, run = (model_case if args.child.startswith("model:") else head_case)(args.child, args)
@@ -228,10 +232,12 @@ def child(args) -> None:
 
 
 GRPO_METHODS = ("grpo:xxpo", "grpo:xxpo-full", "grpo:trl")
+TRPO_METHODS = ("trpo:xxpo", "trpo:xxpo-full")
 
 
 def grpo_child(args) -> None:
-    """One warm-up GRPO step, then one measured step: prints its extra peak memory and time (JSON)."""
+    """One warm-up step, then one measured step (GRPO, or TRPO for a ``trpo:`` child): prints its extra peak
+    memory and time (JSON)."""
     import tempfile
 
     import torch
@@ -239,12 +245,29 @@ def grpo_child(args) -> None:
     from xxpo.models import save_model
     from xxpo.tasks import make_tokenizer
 
-    prompts, group, tokens = args.grpo_step
+    trpo = args.child.startswith("trpo:")
+    prompts, group, tokens = (*args.trpo_step[:1], 1, args.trpo_step[1]) if trpo else args.grpo_step
     workdir = tempfile.mkdtemp(prefix="xxpo_grpo_mem_")
     tokenizer = make_tokenizer()  # ids beyond its alphabet decode to nothing: the rewards are all 0
     save_model(build_model(args), tokenizer, os.path.join(workdir, "model"))
     common = dict(lr=1e-6, clip_eps=0.2)
-    if args.child.startswith("grpo:xxpo"):
+    if trpo:
+        from xxpo.train.config import TrainConfig
+        from xxpo.train.loop import Trainer
+
+        config = TrainConfig.from_preset("trpo", model=os.path.join(workdir, "model"), device="cpu", steps=10,
+                                         eval_every=1000, prompts_per_step=prompts, group_size=1, max_new_tokens=tokens,
+                                         progress=False, logprob_chunk_rows=0 if args.child == "trpo:xxpo-full" else None)
+        trainer = Trainer(config)
+        trainer.step(0)  # warm-up: the critic's AdamW moments exist from here on
+        gc.collect()
+        before = rss("VmRSS")
+        reset_peak()
+        t0 = time.perf_counter()
+        row = trainer.step(1)
+        out = {"extra": rss("VmHWM") - before, "seconds": time.perf_counter() - t0, "rss": rss("VmHWM"),
+               "length": row["response_length"]}
+    elif args.child.startswith("grpo:xxpo"):
         from xxpo.train.config import TrainConfig
         from xxpo.train.loop import Trainer
 
@@ -400,6 +423,18 @@ def main(argv=None) -> None:
         print("| trainer | extra peak memory (MB) | peak RSS (MB) | time (s) | mean completion length |")
         print("|---|---:|---:|---:|---:|")
         for method in GRPO_METHODS:
+            proc = spawn(method, argv)
+            out, _ = proc.communicate()
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"| {method} | {r['extra'] / MB:.0f} | {r['rss'] / MB:.0f} | {r['seconds']:.1f} | {r['length']:.0f} |")
+
+    if args.trpo_step:
+        prompts, tokens = args.trpo_step
+        print(f"\nOne whole TRPO step (sampling, critic, conjugate-gradient update) of {prompts} responses of {tokens} "
+              f"tokens, one process each:\n")
+        print("| path | extra peak memory (MB) | peak RSS (MB) | time (s) | mean completion length |")
+        print("|---|---:|---:|---:|---:|")
+        for method in TRPO_METHODS:
             proc = spawn(method, argv)
             out, _ = proc.communicate()
             r = json.loads(out.strip().splitlines()[-1])
