@@ -24,7 +24,7 @@ from xxpo.train.loop import Trainer
 STEPS = 3
 # case -> (method, config overrides). One per normalizer: seq-mean-token-mean (GRPO), token-mean with dynamic
 # sampling and the overlong reward (DAPO), a sequence-level ratio (GSPO), a critic with batch-whitened GAE
-# (PPO), batch-normalized advantages (REINFORCE++); then the extra forwards: a recomputed proximal policy
+# (PPO), batch-normalized advantages (REINFORCE++), a prompt-value critic (sequence-level PPO); then the extra forwards: a recomputed proximal policy
 # (Decoupled PPO), A-3PO's interpolation under a sampler-trainer mismatch correction, and Routing Replay on an
 # MoE model with the routing change tracked. 7 prompts: the ranks sample 4 and 3 groups.
 CASES = {
@@ -33,6 +33,7 @@ CASES = {
     "gspo": ("gspo", {}),
     "ppo": ("ppo", {"prompts_per_step": 15, "group_size": 1, "minibatches": 3}),  # one response per prompt
     "reinforce_pp": ("reinforce_pp", {}),
+    "sppo_seq": ("sppo_seq", {"prompts_per_step": 15, "group_size": 1, "minibatches": 3}),  # a prompt critic
     "decoupled_ppo": ("decoupled_ppo", {"staleness": 1}),
     "a3po_mismatch": ("a3po", {"staleness": 2, "sampler_logit_noise": 0.5, "mismatch_correction": "token_truncate"}),
     "moe_routing_replay": ("grpo", {"model": "tiny-moe", "routing_replay": True, "track_routing": True}),
