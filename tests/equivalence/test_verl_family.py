@@ -20,6 +20,7 @@ from verl.workers.config.actor import ActorConfig, PolicyLossConfig  # noqa: E40
 
 import xxpo.functional as F  # noqa: E402
 import xxpo.objectives as O  # noqa: E402
+from conftest import value_and_grad  # noqa: E402
 
 B, T = 8, 6
 
@@ -41,23 +42,14 @@ def _batch(seed, spread=0.35):
     return logp, old, seq_adv[:, None] * mask, mask, seq_adv
 
 
-def _value_grad(logp, fn):
-    logp.grad = None
-    loss = fn()
-    loss = loss[0] if isinstance(loss, tuple) else loss
-    loss.backward()
-    g = logp.grad.clone()
-    logp.grad = None
-    return loss.detach(), g
-
 
 @pytest.mark.parametrize("low, high", [(1.0, 4.0), (0.2, 0.2), (0.5, 0.1)])
 def test_cispo_equals_verl(low, high):
     logp, old, adv, mask, _ = _batch(1, spread=0.8)
     cfg = _actor("cispo", clip_ratio_low=low, clip_ratio_high=high)
     fn = core_algos.get_policy_loss_fn("cispo")
-    verl_v, verl_g = _value_grad(logp, lambda: fn(old, logp, adv, mask, "token-mean", cfg))
-    ours_v, ours_g = _value_grad(logp, lambda: O.cispo_loss(logp, old, adv, mask, clip_eps_low=low, clip_eps_high=high))
+    verl_v, verl_g = value_and_grad(logp, lambda: fn(old, logp, adv, mask, "token-mean", cfg))
+    ours_v, ours_g = value_and_grad(logp, lambda: O.cispo_loss(logp, old, adv, mask, clip_eps_low=low, clip_eps_high=high))
     assert torch.allclose(ours_v, verl_v, rtol=1e-10, atol=1e-13) and torch.allclose(ours_g, verl_g, rtol=1e-10, atol=1e-13)
     _, metrics = fn(old, logp, adv, mask, "token-mean", cfg)
     assert 0 < metrics["actor/pg_clipfrac"] < 1  # the bounds bite
@@ -68,8 +60,8 @@ def test_gmpo_equals_verl_geo_mean(eps):
     logp, old, adv, mask, seq_adv = _batch(2)
     cfg = _actor("geo_mean", clip_ratio_low=eps, clip_ratio_high=eps)
     fn = core_algos.get_policy_loss_fn("geo_mean")
-    verl_v, verl_g = _value_grad(logp, lambda: fn(old, logp, adv, mask, "token-mean", cfg))
-    ours_v, ours_g = _value_grad(logp, lambda: O.gmpo_loss(logp, old, seq_adv, mask, clip_eps_low=eps))
+    verl_v, verl_g = value_and_grad(logp, lambda: fn(old, logp, adv, mask, "token-mean", cfg))
+    ours_v, ours_g = value_and_grad(logp, lambda: O.gmpo_loss(logp, old, seq_adv, mask, clip_eps_low=eps))
     assert torch.allclose(ours_v, verl_v, rtol=1e-7, atol=1e-12) and torch.allclose(ours_g, verl_g, rtol=1e-7, atol=1e-12)
     _, metrics = fn(old, logp, adv, mask, "token-mean", cfg)
     assert metrics["actor/pg_clipfrac"] + metrics["actor/pg_clipfrac_lower"] > 0

@@ -28,6 +28,7 @@ import xxpo.integrations.verl as V  # noqa: E402
 import xxpo.objectives as O  # noqa: E402
 from xxpo.functional import LOSS_AGG_MODES  # noqa: E402
 from xxpo.integrations import FIXED_AGGREGATION, GENERATION_BUDGET, POLICY_OBJECTIVES, VERL_EQUIVALENTS, calling_form  # noqa: E402
+from conftest import value_and_grad  # noqa: E402
 
 B, T = 6, 7
 SEQUENCE_LEVEL = ("gspo", "gspo_token")
@@ -58,15 +59,6 @@ def batch(seed, *, spread=0.35, empty_row=False, dtype=torch.float64):
     adv = seq_adv[:, None] * mask  # (B, T): verl's GRPO estimator broadcasts the score over the response
     return logp, old, adv, mask, seq_adv
 
-
-def value_grad(logp, fn):
-    logp.grad = None
-    loss = fn()
-    loss = loss[0] if isinstance(loss, tuple) else loss
-    loss.backward()
-    g = logp.grad.clone()
-    logp.grad = None
-    return loss.detach(), g
 
 
 def same(a, b, rtol=1e-10, atol=1e-13):
@@ -155,10 +147,10 @@ def test_verl_registry_loss_equals_the_objective(name):
     if calling_form(name) == "staleness":
         staleness = 3
         fn = V.make_policy_loss(name, staleness=staleness)
-    got_v, got_g = value_grad(logp, lambda: fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
+    got_v, got_g = value_and_grad(logp, lambda: fn(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask,
                                                loss_agg_mode=cfg.loss_agg_mode, config=cfg,
                                                rollout_is_weights=weights))
-    want_v, want_g = value_grad(logp, lambda: direct(name, logp, old, adv, seq_adv, mask, cfg, weights, staleness))
+    want_v, want_g = value_and_grad(logp, lambda: direct(name, logp, old, adv, seq_adv, mask, cfg, weights, staleness))
     assert same(got_v, want_v) and same(got_g, want_g), (name, got_v, want_v)
     assert want_g.abs().sum() > 0
 
@@ -171,8 +163,8 @@ def test_loss_agg_mode_is_honoured(name, mode):
     kw = {"staleness": 2} if calling_form(name) == "staleness" else {}
     fn = V.make_policy_loss(name, **kw)
     weights = torch.full((B, T), 1.5, dtype=old.dtype) if calling_form(name) == "decoupled" else None
-    got_v, got_g = value_grad(logp, lambda: fn(old, logp, adv, mask, mode, cfg, rollout_is_weights=weights))
-    want_v, want_g = value_grad(logp, lambda: direct(name, logp, old, adv, seq_adv, mask, cfg, weights, 2))
+    got_v, got_g = value_and_grad(logp, lambda: fn(old, logp, adv, mask, mode, cfg, rollout_is_weights=weights))
+    want_v, want_g = value_and_grad(logp, lambda: direct(name, logp, old, adv, seq_adv, mask, cfg, weights, 2))
     assert same(got_v, want_v) and same(got_g, want_g)
 
 
@@ -215,8 +207,8 @@ def test_equals_verl_builtin_loss(name, global_info):
     ours = get_policy_loss_fn(f"xxpo_{name}")
     args = dict(old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode=cfg.loss_agg_mode,
                 config=cfg, rollout_is_weights=weights)
-    verl_v, verl_g = value_grad(logp, lambda: builtin(**args))
-    our_v, our_g = value_grad(logp, lambda: ours(**args))
+    verl_v, verl_g = value_and_grad(logp, lambda: builtin(**args))
+    our_v, our_g = value_and_grad(logp, lambda: ours(**args))
     assert same(our_v, verl_v) and same(our_g, verl_g), (name, our_v, verl_v)
     assert verl_g.abs().sum() > 0
 
@@ -265,9 +257,9 @@ def test_dr_grpo_empty_response_difference():
     cfg, _ = equivalent_config("dr_grpo")
     logp, old, adv, mask, seq_adv = batch(4, empty_row=True)
     args = (old, logp, adv, mask, "seq-mean-token-sum-norm", cfg)
-    verl_v, _ = value_grad(logp, lambda: get_policy_loss_fn("vanilla")(*args))
-    ours_v, _ = value_grad(logp, lambda: get_policy_loss_fn("xxpo_dr_grpo")(*args))
-    plain_v, _ = value_grad(logp, lambda: direct("dr_grpo", logp, old, adv, seq_adv, mask, cfg))
+    verl_v, _ = value_and_grad(logp, lambda: get_policy_loss_fn("vanilla")(*args))
+    ours_v, _ = value_and_grad(logp, lambda: get_policy_loss_fn("xxpo_dr_grpo")(*args))
+    plain_v, _ = value_and_grad(logp, lambda: direct("dr_grpo", logp, old, adv, seq_adv, mask, cfg))
     assert same(ours_v, verl_v)
     assert same(plain_v * B / (B - 1), verl_v)
 
@@ -434,14 +426,14 @@ def test_verl_kl_loss_is_xxpo_k3_below_its_clamp():
     logp, _, _, _, _ = batch(15)
     ref = logp.detach() + 0.8 * torch.randn(B, T, generator=torch.Generator().manual_seed(1), dtype=logp.dtype)
     for verl_name, ours_name in (("low_var_kl", "k3"), ("k3", "k3"), ("mse", "k2")):
-        v, g = value_grad(logp, lambda: verl_kl(logp, ref, verl_name).sum())
-        o, h = value_grad(logp, lambda: kl_penalty(logp, ref, ours_name).sum())
+        v, g = value_and_grad(logp, lambda: verl_kl(logp, ref, verl_name).sum())
+        o, h = value_and_grad(logp, lambda: kl_penalty(logp, ref, ours_name).sum())
         assert same(v, o) and same(g, h), verl_name
-    _, g_plus = value_grad(logp, lambda: verl_kl(logp, ref, "k3+").sum())
-    _, g_k2 = value_grad(logp, lambda: kl_penalty(logp, ref, "k2").sum())
+    _, g_plus = value_and_grad(logp, lambda: verl_kl(logp, ref, "k3+").sum())
+    _, g_k2 = value_and_grad(logp, lambda: kl_penalty(logp, ref, "k2").sum())
     assert same(g_plus, g_k2)
     far = logp.detach() + 15.0  # k3 = e^-15 + 14 > 10: verl clamps the value (and kills the gradient)
-    v, _ = value_grad(logp, lambda: verl_kl(logp, far, "low_var_kl").sum())
+    v, _ = value_and_grad(logp, lambda: verl_kl(logp, far, "low_var_kl").sum())
     assert float(v) == pytest.approx(10.0 * B * T)
 
 
