@@ -153,7 +153,7 @@ PRESETS: dict[str, MethodPreset] = {
         # beta = 0, G = 8 (README example command); normalizer = generate_max_length (code, "Modification 1");
         # adv_norm "none": the group mean is subtracted, the std is not divided (Sec. 3.2).
         dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0, adv_norm="none"),
-        samples_per_prompt=8, objective_args=_PG + _KL + ("norm_len",),
+        samples_per_prompt=8, objective_args=_PG + _KL + ("dual_clip_c", "norm_len"),
     ),
     "dapo": MethodPreset(
         "dapo", "DAPO", "Yu et al. 2025, arXiv 2503.14476", "grpo",

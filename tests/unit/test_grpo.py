@@ -234,3 +234,16 @@ def test_kl_is_correction_value_is_ratio_times_k3_and_rejects_non_bool():
     assert float(out.metrics["kl"]) == pytest.approx(float((expected * mask).sum() / mask.sum()), rel=1e-6)
     with pytest.raises(TypeError, match="kl_is_correction"):
         grpo_loss(logp, old, adv, mask, ref_logp=ref_logp, kl_coef=0.5, kl_is_correction=1)
+
+
+def test_dr_grpo_dual_clip(ref, policy_batch, tl):
+    # the oracle's GRPO with dual clip c = 2, aggregated by seq-mean-token-sum-norm
+    logp, old, adv, mask = policy_batch(37, spread=1.2, avoid=(0.8, 1.2))
+    logp.requires_grad_()
+    out = dr_grpo_loss(logp, old, adv, mask, norm_len=6, dual_clip_c=2.0)
+    e_loss, e_grad, e_metrics = ref.grpo(tl(logp), tl(old), tl(adv), tl(mask), 0.2, None, None, 0.0, "k3",
+                                         "seq-mean-token-sum-norm", 6, dual_c=2.0)
+    assert e_metrics["dual_clip_frac"] > 0  # the case has tokens where the third clip binds
+    assert abs(out.loss.item() - e_loss) < 1e-10
+    out.loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor(e_grad, dtype=torch.float64), atol=1e-12, rtol=1e-9)

@@ -246,7 +246,8 @@ VERL_EQUIVALENTS: dict[str, Equivalent | None] = {
                        trainer="core_algos"),
     "dr_grpo": Equivalent({"actor.policy_loss.loss_mode": "vanilla", "actor.loss_agg_mode": "seq-mean-token-sum-norm",
                            "actor.loss_scale_factor": GENERATION_BUDGET},
-                          "verl divides by its non-empty responses, xxpo by all rows; " + _NO_DUAL_CLIP,
+                          "verl divides by its non-empty responses, xxpo by all rows; vanilla's dual-clip is read "
+                          "as dual_clip_c",
                           trainer="core_algos"),
     "dapo": Equivalent({"actor.policy_loss.loss_mode": "vanilla", "actor.loss_agg_mode": "token-mean",
                         "actor.clip_ratio_high": 0.28}, trainer="core_algos"),

@@ -34,10 +34,12 @@ def dr_grpo_loss(
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     kl_is_correction: bool = False,
+    dual_clip_c: float | None = None,
 ) -> LossOutput:
     """Dr. GRPO's loss: GRPO's per-token term summed and divided by ``B * norm_len`` (B, T tensors).
 
-    ``norm_len`` is required: the generation budget (max new tokens). Metrics as ``grpo_loss``.
+    ``norm_len`` is required: the generation budget (max new tokens). ``dual_clip_c``: the optional third
+    clip of dual-clip PPO, as in ``grpo_loss`` (off by default; not part of the paper). Metrics as ``grpo_loss``.
     """
     return grpo_loss(
         logp,
@@ -50,6 +52,7 @@ def dr_grpo_loss(
         kl_coef=kl_coef,
         kl_estimator=kl_estimator,
         kl_is_correction=kl_is_correction,
+        dual_clip_c=dual_clip_c,
         loss_agg_mode="seq-mean-token-sum-norm",
         norm_len=norm_len,
     )
