@@ -322,7 +322,7 @@ def sapo(logp, old, adv, mask, tau_pos=1.0, tau_neg=1.05, mode="seq-mean-token-m
 
 
 def decoupled(logp, behav, prox, adv, mask, eps_low=0.2, eps_high=None, cap=None, mode="token-mean",
-              norm_len=None):
+              norm_len=None, dual_c=None):
     eps_high = eps_low if eps_high is None else eps_high
     a = _adv_matrix(adv, (len(logp), len(logp[0])))
     loss_mat, grad_mat, ws = [], [], []
@@ -332,7 +332,7 @@ def decoupled(logp, behav, prox, adv, mask, eps_low=0.2, eps_high=None, cap=None
             wgt = math.exp(_clamp(prox[i][t] - behav[i][t]))
             if cap is not None:
                 wgt = min(wgt, cap)
-            l, g = ppo_token(logp[i][t] - prox[i][t], a[i][t], eps_low, eps_high)
+            l, g = ppo_token(logp[i][t] - prox[i][t], a[i][t], eps_low, eps_high, dual_c)
             lrow.append(wgt * l)
             grow.append(wgt * g)
             if mask[i][t]:
@@ -341,7 +341,7 @@ def decoupled(logp, behav, prox, adv, mask, eps_low=0.2, eps_high=None, cap=None
         grad_mat.append(grow)
     w = agg_weights(mask, mode, norm_len)
     valid = _valid(mask)
-    metrics = _clip_metrics([(logp[i][t] - prox[i][t], a[i][t]) for i, t in valid], eps_low, eps_high)
+    metrics = _clip_metrics([(logp[i][t] - prox[i][t], a[i][t]) for i, t in valid], eps_low, eps_high, dual_c)
     metrics["behav_weight_mean"] = _mean(ws)
     metrics["behav_weight_max"] = max(ws) if ws else 0.0
     return aggregate(loss_mat, mask, mode, norm_len), _scale(w, grad_mat), metrics

@@ -243,7 +243,7 @@ PRESETS: dict[str, MethodPreset] = {
         # 16 answers per prompt; staleness eta = 8 for math (Sec. 4.1).
         dict(clip_eps_low=0.2, clip_eps_high=0.2, adv_norm="batch", minibatches=4, staleness=8),
         samples_per_prompt=16, proximal="recompute", inputs=("logp", "old_logp", "prox_logp", "advantages", "mask"),
-        objective_args=_PG + ("behav_weight_cap",) + _AGG,
+        objective_args=_PG + ("behav_weight_cap", "dual_clip_c") + _AGG,
     ),
     "a3po": MethodPreset(
         "a3po", "A-3PO", "Li, Wu, Shen 2025, arXiv 2512.06547", "decoupled_ppo",
@@ -253,7 +253,7 @@ PRESETS: dict[str, MethodPreset] = {
         # (batch mean and std) as in AReaL's A-3PO example config (examples/experimental/prox_approx).
         dict(clip_eps_low=0.2, clip_eps_high=0.2, adv_norm="batch", minibatches=4, staleness=8),
         samples_per_prompt=16, proximal="loglinear", inputs=("logp", "old_logp", "prox_logp", "advantages", "mask"),
-        objective_args=_PG + ("behav_weight_cap",) + _AGG,
+        objective_args=_PG + ("behav_weight_cap", "dual_clip_c") + _AGG,
     ),
     "sppo_seq": MethodPreset(
         "sppo_seq", "SPPO (sequence-level PPO)", "Wang et al. 2026, arXiv 2604.08865", "ppo",
@@ -261,7 +261,7 @@ PRESETS: dict[str, MethodPreset] = {
         "sppo_seq_loss", "token", "clip r to [0.8, 1.2]", "token-mean", "seq_value", "prompt", "none",
         # eps = 0.2, token-mean, no KL, N = 1 (authors' run scripts and actor.yaml).
         dict(clip_eps_low=0.2, clip_eps_high=0.2, kl_coef=0.0),
-        samples_per_prompt=1, objective_args=_PG + _AGG,
+        samples_per_prompt=1, objective_args=_PG + ("dual_clip_c",) + _AGG,
     ),
     "dpo": MethodPreset(
         "dpo", "DPO", "Rafailov et al. 2023, arXiv 2305.18290", None,

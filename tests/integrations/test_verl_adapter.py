@@ -225,15 +225,12 @@ def test_builtin_comparisons_exercise_the_clips():
     assert 0 < metrics["actor/xxpo/seq_clip_frac_low"] + metrics["actor/xxpo/seq_clip_frac_high"] < 1
 
 
-NO_DUAL_CLIP = [n for n in VERL_BUILT_IN if VERL_EQUIVALENTS[n].settings["actor.policy_loss.loss_mode"] == "vanilla"
-                and "dual_clip_c" not in V.keyword_parameters(n)]
-
-
 @pytest.mark.parametrize("name", [n for n in VERL_BUILT_IN
                                   if VERL_EQUIVALENTS[n].settings["actor.policy_loss.loss_mode"] == "vanilla"])
 def test_dual_clip(name):
-    """verl's vanilla loss always dual-clips (clip_ratio_c). Objectives with dual_clip_c read it and stay equal;
-    the others (NO_DUAL_CLIP, each noted in VERL_EQUIVALENTS) differ exactly where it bites."""
+    """verl's vanilla loss always dual-clips (clip_ratio_c); every objective compared with it takes dual_clip_c,
+    reads clip_ratio_c and stays equal where the third clip bites."""
+    assert "dual_clip_c" in V.keyword_parameters(name)
     cfg, rollout_is = equivalent_config(name)
     logp, old, adv, mask, _ = batch(3, spread=1.2)
     weights = torch.full((B, T), 1.3, dtype=old.dtype) if rollout_is else None
@@ -242,13 +239,9 @@ def test_dual_clip(name):
     verl_v, metrics = get_policy_loss_fn("vanilla")(**args)
     assert metrics["actor/pg_clipfrac_lower"] > 0
     ours_v, _ = get_policy_loss_fn(f"xxpo_{name}")(**args)
-    if name in NO_DUAL_CLIP:
-        assert "dual-clip" in VERL_EQUIVALENTS[name].note
-        assert not same(ours_v, verl_v)
-        args["config"], _ = equivalent_config(name, clip_ratio_c=1e9)
-        assert same(get_policy_loss_fn(f"xxpo_{name}")(**args)[0], get_policy_loss_fn("vanilla")(**args)[0])
-    else:
-        assert same(ours_v, verl_v)
+    assert same(ours_v, verl_v)
+    args["config"], _ = equivalent_config(name, clip_ratio_c=1e9)  # the third clip off: a different loss
+    assert not same(get_policy_loss_fn("vanilla")(**args)[0], verl_v)
 
 
 def test_dr_grpo_empty_response_difference():

@@ -219,3 +219,19 @@ def test_a3po_fresh_data_bounds_later_minibatches():
     assert second["ratio_max"] > 1.2 or second["ratio_min"] < 0.8  # the shared weights moved
     assert second["clip_frac"] > 0  # and the clip bounds the move
     assert second["behav_weight_max"] == 1.0  # pi_prox = pi_behav: no importance weight with fresh data
+
+
+def test_decoupled_ppo_dual_clip(ref, policy_batch, tl):
+    logp, behav, prox, adv, mask = _three_policies(63, policy_batch, per_token_adv=True)
+    logp = (logp.detach() + 1.0 * torch.randn(logp.shape, generator=torch.Generator().manual_seed(5),
+                                              dtype=torch.float64)).requires_grad_()  # ratios u far past c
+    out = decoupled_ppo_loss(logp, behav, prox, adv, mask, dual_clip_c=2.0, behav_weight_cap=3.0)
+    e_loss, e_grad, e_m = ref.decoupled(tl(logp), tl(behav), tl(prox), tl(adv), tl(mask), 0.2, None, 3.0,
+                                        "token-mean", None, 2.0)
+    assert e_m["dual_clip_frac"] > 0  # the third clip binds somewhere
+    assert abs(out.loss.item() - e_loss) < 1e-10
+    out.loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor(e_grad, dtype=torch.float64), atol=1e-12, rtol=1e-9)
+    _check_metrics(out.metrics, e_m, METRICS)
+    with pytest.raises(ValueError, match="dual_clip_c"):
+        decoupled_ppo_loss(logp, behav, prox, adv, mask, dual_clip_c=1.0)

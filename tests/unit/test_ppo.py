@@ -143,16 +143,18 @@ def test_value_loss_hand_value():
 
 @pytest.mark.parametrize("mode", MODES[:3])
 @pytest.mark.parametrize("eps", [(0.2, None), (0.2, 0.3)])
-def test_sppo_seq_loss_is_ppo_clip(ref, policy_batch, tl, mode, eps):
+@pytest.mark.parametrize("dual_c", [None, 2.0])
+def test_sppo_seq_loss_is_ppo_clip(ref, policy_batch, tl, mode, eps, dual_c):
     el, eh = eps
-    logp, old, adv, mask = policy_batch(12, spread=0.8, avoid=(1 - el, 1 + (eh or el)))
+    logp, old, adv, mask = policy_batch(12, spread=0.8 if dual_c is None else 1.5, avoid=(1 - el, 1 + (eh or el)))
     logp.requires_grad_()
-    out = sppo_seq_loss(logp, old, adv, mask, clip_eps_low=el, clip_eps_high=eh, loss_agg_mode=mode)
-    e_loss, e_grad, e_metrics = ref.ppo(tl(logp), tl(old), tl(adv), tl(mask), el, eh, None, mode)
+    out = sppo_seq_loss(logp, old, adv, mask, clip_eps_low=el, clip_eps_high=eh, dual_clip_c=dual_c, loss_agg_mode=mode)
+    e_loss, e_grad, e_metrics = ref.ppo(tl(logp), tl(old), tl(adv), tl(mask), el, eh, dual_c, mode)
+    assert dual_c is None or e_metrics["dual_clip_frac"] > 0
     assert abs(out.loss.item() - e_loss) < 1e-10
     out.loss.backward()
     assert torch.allclose(logp.grad, _grad_tensor(e_grad), atol=1e-12, rtol=1e-9)
-    _check_metrics(out.metrics, e_metrics, ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean"))
+    _check_metrics(out.metrics, e_metrics, ("clip_frac_low", "clip_frac_high", "clip_frac", "ratio_mean", "dual_clip_frac"))
 
 
 def test_sppo_seq_default_is_token_mean(ref, policy_batch, tl):

@@ -232,9 +232,6 @@ TRL_EQUIVALENTS: dict[str, Equivalent | None] = {
 """xxpo method -> the TRL 1.16 setting with the same loss (None: TRL has none). Entries whose ``trainer`` is
 not ``GRPOTrainer`` or ``DPOTrainer`` are checked by ``tests/equivalence`` rather than through the adapter."""
 
-_NO_DUAL_CLIP = ("vanilla's dual-clip (clip_ratio_c) has no counterpart in this objective: equal until a token has "
-                 "A < 0 and r > clip_ratio_c")
-
 VERL_EQUIVALENTS: dict[str, Equivalent | None] = {
     "ppo": Equivalent({"actor.policy_loss.loss_mode": "vanilla", "actor.loss_agg_mode": "token-mean"},
                       "vanilla always applies dual-clip (clip_ratio_c, default 3); xxpo_ppo reads clip_ratio_c "
@@ -262,13 +259,13 @@ VERL_EQUIVALENTS: dict[str, Equivalent | None] = {
     "decoupled_ppo": Equivalent({"actor.policy_loss.loss_mode": "vanilla", "actor.loss_agg_mode": "token-mean",
                                  "algorithm.rollout_correction.rollout_is": "token"},
                                 "proximal = verl's recomputed old_log_prob, behaviour weight = rollout_is_weights; "
-                                + _NO_DUAL_CLIP, trainer="core_algos"),
+                                "vanilla's dual-clip is read as dual_clip_c", trainer="core_algos"),
     "a3po": None,
     "dpo": None,
     "sppo_selfplay": None,
     "sppo_seq": Equivalent({"actor.policy_loss.loss_mode": "vanilla", "actor.loss_agg_mode": "token-mean"},
                            "the policy loss only (the prompt-value critic is in the authors' verl fork); "
-                           + _NO_DUAL_CLIP, trainer="core_algos"),
+                           "vanilla's dual-clip is read as dual_clip_c", trainer="core_algos"),
     "cispo": Equivalent({"actor.policy_loss.loss_mode": "cispo", "actor.loss_agg_mode": "token-mean"},
                         "verl's default clip_ratio_low = 0.2 bounds the weight below by 0.8 (passed on as clip_eps_low); "
                         "clip_ratio_low=1.0 gives the paper's unbounded weight", trainer="core_algos"),

@@ -36,11 +36,14 @@ def decoupled_ppo_loss(
     clip_eps_low: float = 0.2,
     clip_eps_high: float | None = None,
     behav_weight_cap: float | None = None,
+    dual_clip_c: float | None = None,
     loss_agg_mode: str = "token-mean",
     norm_len: int | None = None,
 ) -> LossOutput:
     """Decoupled PPO's loss L = -J (AReaL Eq. 5); logp, behav_logp, prox_logp, mask (B, T).
 
+    ``dual_clip_c``: the optional third clip of dual-clip PPO on u (off by default; not in AReaL's Eq. 5),
+    what verl's vanilla loss applies in its decoupled mode.
     Metrics: those of ``ppo_loss`` for the trust-region ratio u = pi_theta / pi_prox, plus
     behav_weight_mean and behav_weight_max of the (capped) pi_prox / pi_behav.
     """
@@ -49,15 +52,16 @@ def decoupled_ppo_loss(
     check_same_shape("logp", logp, prox_logp=prox_logp)
     eps_low, eps_high = check_clip(clip_eps_low, clip_eps_high)
     check_number("behav_weight_cap", behav_weight_cap, low=1, allow_none=True)
+    check_number("dual_clip_c", dual_clip_c, low=1, low_inclusive=False, allow_none=True)
     prox_logp = prox_logp.detach()
     log_u = token_log_ratio(logp, prox_logp)  # (B, T)
     u = torch.exp(log_u)  # (B, T)
     behav_weight = torch.exp((prox_logp - behav_logp.detach()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))  # (B, T)
     if behav_weight_cap is not None:
         behav_weight = behav_weight.clamp(max=behav_weight_cap)
-    loss_mat, low, high, _ = clipped_surrogate(u, adv, eps_low, eps_high)
+    loss_mat, low, high, dual = clipped_surrogate(u, adv, eps_low, eps_high, dual_clip_c)
     loss = aggregate(behav_weight * loss_mat, m, loss_agg_mode, norm_len)
-    metrics = ratio_metrics(u, log_u, m, low, high)
+    metrics = ratio_metrics(u, log_u, m, low, high, dual)
     valid = m.bool()
     w_max = behav_weight[valid].max() if bool(valid.any()) else behav_weight.new_zeros(())
     metrics.update(detached(behav_weight_mean=masked_mean(behav_weight, m), behav_weight_max=w_max))

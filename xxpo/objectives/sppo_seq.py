@@ -47,9 +47,12 @@ def sppo_seq_loss(
     *,
     clip_eps_low: float = 0.2,
     clip_eps_high: float | None = None,
+    dual_clip_c: float | None = None,
     loss_agg_mode: str = "token-mean",
     norm_len: int | None = None,
 ) -> LossOutput:
-    """Sequence-level PPO's policy loss: PPO's clipped surrogate with A = R - V(x) (B,) on every token."""
-    return ppo_loss(logp, old_logp, advantages, mask, clip_eps_low=clip_eps_low,
-                    clip_eps_high=clip_eps_high, loss_agg_mode=loss_agg_mode, norm_len=norm_len)
+    """Sequence-level PPO's policy loss: PPO's clipped surrogate with A = R - V(x) (B,) on every token.
+
+    ``dual_clip_c``: the optional third clip of dual-clip PPO, as in ``ppo_loss`` (off by default)."""
+    return ppo_loss(logp, old_logp, advantages, mask, clip_eps_low=clip_eps_low, clip_eps_high=clip_eps_high,
+                    dual_clip_c=dual_clip_c, loss_agg_mode=loss_agg_mode, norm_len=norm_len)
