@@ -393,6 +393,17 @@ def table(results: dict[str, list[dict]], reference: str) -> dict[str, dict]:
     return rows
 
 
+def step_table(methods, argv, first_column: str) -> None:
+    """One whole training step per method, each in its own child process, one row each (single measurements)."""
+    print(f"| {first_column} | extra peak memory (MB) | peak RSS (MB) | time (s) | mean completion length |")
+    print("|---|---:|---:|---:|---:|")
+    for method in methods:
+        proc = spawn(method, argv)
+        out, _ = proc.communicate()
+        r = json.loads(out.strip().splitlines()[-1])
+        print(f"| {method} | {r['extra'] / MB:.0f} | {r['rss'] / MB:.0f} | {r['seconds']:.1f} | {r['length']:.0f} |")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -420,25 +431,13 @@ def main(argv=None) -> None:
         prompts, group, tokens = args.grpo_step
         print(f"\nOne whole GRPO step (sampling + one AdamW update) of {prompts} prompts x G = {group}, "
               f"{tokens}-token completions, one process each:\n")
-        print("| trainer | extra peak memory (MB) | peak RSS (MB) | time (s) | mean completion length |")
-        print("|---|---:|---:|---:|---:|")
-        for method in GRPO_METHODS:
-            proc = spawn(method, argv)
-            out, _ = proc.communicate()
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {method} | {r['extra'] / MB:.0f} | {r['rss'] / MB:.0f} | {r['seconds']:.1f} | {r['length']:.0f} |")
+        step_table(GRPO_METHODS, argv, "trainer")
 
     if args.trpo_step:
         prompts, tokens = args.trpo_step
         print(f"\nOne whole TRPO step (sampling, critic, conjugate-gradient update) of {prompts} responses of {tokens} "
               f"tokens, one process each:\n")
-        print("| path | extra peak memory (MB) | peak RSS (MB) | time (s) | mean completion length |")
-        print("|---|---:|---:|---:|---:|")
-        for method in TRPO_METHODS:
-            proc = spawn(method, argv)
-            out, _ = proc.communicate()
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"| {method} | {r['extra'] / MB:.0f} | {r['rss'] / MB:.0f} | {r['seconds']:.1f} | {r['length']:.0f} |")
+        step_table(TRPO_METHODS, argv, "path")
 
     print(f"\nLM head only, forward + backward over {args.rows} rows:\n")
     rows = table(compare(HEAD_METHODS, argv, args.reps), "naive")
