@@ -20,7 +20,7 @@ from verl.workers.config.actor import ActorConfig, PolicyLossConfig  # noqa: E40
 
 import xxpo.functional as F  # noqa: E402
 import xxpo.objectives as O  # noqa: E402
-from conftest import value_and_grad  # noqa: E402
+from value_grad import value_and_grad  # noqa: E402
 
 B, T = 8, 6
 

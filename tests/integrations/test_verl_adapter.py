@@ -28,7 +28,7 @@ import xxpo.integrations.verl as V  # noqa: E402
 import xxpo.objectives as O  # noqa: E402
 from xxpo.functional import LOSS_AGG_MODES  # noqa: E402
 from xxpo.integrations import FIXED_AGGREGATION, GENERATION_BUDGET, POLICY_OBJECTIVES, VERL_EQUIVALENTS, calling_form  # noqa: E402
-from conftest import value_and_grad  # noqa: E402
+from value_grad import value_and_grad  # noqa: E402
 
 B, T = 6, 7
 SEQUENCE_LEVEL = ("gspo", "gspo_token")
