@@ -41,7 +41,7 @@ def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Completed
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per test process: a module fixture is rebuilt when other modules interleave
 def record(tmp_path_factory) -> Path:
     """The worker's output directory after two processes ran it."""
     for model in ("tiny", "tiny-moe"):  # the SFT bases the processes load (trained once, cached)
