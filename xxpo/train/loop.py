@@ -565,5 +565,5 @@ def train(config: TrainConfig, out_dir: str | os.PathLike | None = None, *, resu
     """Train ``config.method`` and return its :class:`RunResult`; with ``out_dir``, write metrics.csv,
     summary.json (and checkpoints when ``config.checkpoint_every``). ``resume=True`` continues from the
     checkpoint in ``out_dir`` and ends with the same metrics as an uninterrupted run. ``callback(step, row)``
-    is called after every step."""
+    is called after every step (in every process of a data-parallel run; rank 0 writes the files)."""
     return Trainer(config, out_dir, callback).run(resume=resume)
