@@ -27,7 +27,9 @@ from xxpo.train.distributed import DataParallel
 from xxpo.train.loop import Trainer
 from xxpo.train.sft import base_model
 
-pytestmark = pytest.mark.xdist_group("data_parallel")  # one worker runs the module: the record is made once
+# Meant to keep the module on one xdist worker (--dist loadgroup); with pytest-xdist 3.8.0 here the tests are still
+# spread over the workers, so each worker that runs one of them makes the record once (the fixture below).
+pytestmark = pytest.mark.xdist_group("data_parallel")
 
 WORKER = Path(__file__).with_name("data_parallel_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +43,7 @@ def torchrun(nproc: int, *args: str, timeout: int = 600) -> subprocess.Completed
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-@pytest.fixture(scope="session")  # once per test process: a module fixture is rebuilt when other modules interleave
+@pytest.fixture(scope="session")  # once per test process
 def record(tmp_path_factory) -> Path:
     """The worker's output directory after two processes ran it."""
     for model in ("tiny", "tiny-moe"):  # the SFT bases the processes load (trained once, cached)
