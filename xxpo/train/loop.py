@@ -212,7 +212,7 @@ class Trainer(Run):
         kl = None if self.ref_logp is None or not kl_coef else rollout.behav_logp - self.ref_logp  # (B, T), k1
         if kind == "gae":
             with torch.no_grad():
-                values = self.rowwise(lambda r, _: self.critic(r.input_ids, r.attention_mask), rollout)  # (B, P+T)
+                values = self.critic_forward(rollout)  # (B, P+T)
             p = rollout.prompt_ids.shape[1]
             values = values[:, p - 1 : -1]  # (B, T): V(state before token t)
             token_rewards = token_rewards_from_outcome(rewards, rollout.response_mask, kl, kl_coef)
@@ -220,7 +220,7 @@ class Trainer(Run):
             return batch_whiten(adv, rollout.response_mask), {"values": values, "returns": returns}
         if kind == "seq_value":
             with torch.no_grad():
-                value_logits = self.rowwise(lambda r, _: self.critic(r.prompt_ids, r.prompt_mask), rollout)  # (B,)
+                value_logits = self.critic_forward(rollout)  # (B,)
             return sequence_value_advantages(rewards, torch.sigmoid(value_logits)), {}
         if kind == "group":
             return group_advantages(rewards, c.group_size, adv_norm=c.preset_value("adv_norm", "group"), eps=c.adv_eps), {}
@@ -271,6 +271,13 @@ class Trainer(Run):
         return self.rowwise(lambda r, rt: response_logprobs(model, r, c.temperature, with_entropy=with_entropy, routing=rt,
                                                             chunk_rows=c.logprob_chunk_rows), rollout, routing)
 
+    def critic_forward(self, rollout: Rollout) -> torch.Tensor:
+        """The critic on the rollout (row by row across ranks): values ``(B, P+T)`` over prompt + response for a
+        token critic, value logits ``(B,)`` from the prompt for a prompt critic."""
+        if self.preset.critic == "token":
+            return self.rowwise(lambda r, _: self.critic(r.input_ids, r.attention_mask), rollout)
+        return self.rowwise(lambda r, _: self.critic(r.prompt_ids, r.prompt_mask), rollout)
+
     def recompute(self, rollout: Rollout, routing) -> torch.Tensor:
         """log pi of the rollout's responses under the current weights, before the update: ``(B, T)``, no graph."""
         with torch.no_grad():
@@ -304,11 +311,11 @@ class Trainer(Run):
     def critic_step(self, mb: Rollout, rewards_mb, extra_mb) -> dict:
         c = self.config
         if self.preset.critic == "token":
-            values = self.rowwise(lambda r, _: self.critic(r.input_ids, r.attention_mask), mb)  # (b, P+T)
+            values = self.critic_forward(mb)  # (b, P+T)
             values = values[:, mb.prompt_ids.shape[1] - 1 : -1]  # (b, T)
             out = objectives.value_loss(values, extra_mb["values"], extra_mb["returns"], mb.response_mask, clip_eps=c.value_clip_eps)
         else:  # "prompt"
-            value_logits = self.rowwise(lambda r, _: self.critic(r.prompt_ids, r.prompt_mask), mb)  # (b,)
+            value_logits = self.critic_forward(mb)  # (b,)
             out = objectives.sequence_value_loss(value_logits, rewards_mb)
         self.critic_optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
